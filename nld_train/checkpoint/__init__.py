@@ -1,0 +1,200 @@
+"""Distributed checkpoints (megatron dist_checkpointing, torch_dist) with an atomic commit.
+
+Layout of ``<run.dir>/checkpoints/``::
+
+    step_00000012/         one complete checkpoint (sharded tensors + nld_checkpoint.json)
+    latest                 text file naming the newest complete step folder
+    tmp.step_00000015/     a save in progress; never loaded
+
+A save writes into ``tmp.step_N``, verifies it (megatron metadata, one RNG file per rank), writes
+the commit marker ``nld_checkpoint.json``, renames the folder to ``step_N`` and only then replaces
+``latest`` atomically. A folder without the marker is never loaded, so a process killed at any
+point leaves either the previous checkpoint or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MARKER = "nld_checkpoint.json"
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def checkpoints_dir(run_dir) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / MARKER).is_file() and (path / "metadata.json").is_file()
+
+
+def complete_steps(run_dir) -> list[int]:
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    steps = [int(m.group(1)) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and is_complete(p)]
+    return sorted(steps)
+
+
+def find_latest(run_dir) -> Optional[Path]:
+    """The newest complete checkpoint of a run dir, or None if it holds none."""
+    steps = complete_steps(run_dir)
+    return checkpoints_dir(run_dir) / step_dir_name(steps[-1]) if steps else None
+
+
+def resolve(path) -> Path:
+    """A run dir, a checkpoints/ folder or a step folder -> a complete step folder."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path {p} does not exist")
+    if _STEP_RE.match(p.name):
+        if not is_complete(p):
+            raise CheckpointError(f"{p} is not a complete checkpoint (no {MARKER}): refusing to load it")
+        return p
+    for run_dir in (p, p.parent if p.name == "checkpoints" else None):
+        if run_dir is not None and (found := find_latest(run_dir)):
+            return found
+    raise CheckpointError(f"no complete checkpoint under {p}")
+
+
+def read_meta(step_dir) -> dict:
+    return json.loads((Path(step_dir) / MARKER).read_text())
+
+
+# -- optimizer state <-> sharded tensors ---------------------------------------------------------
+def _optimizer_sharded_state(model, optimizer, loading: bool):
+    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
+                                                            optim_state_to_sharding_state)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if loading:  # a fresh AdamW has no state yet: zero placeholders to load into
+        for p in params:
+            if not optimizer.state[p]:
+                optimizer.state[p] = dict(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                          exp_avg_sq=torch.zeros_like(p))
+    sd = optimizer.state_dict()
+    steps = [s["step"] for s in sd["state"].values()]
+    id_map = get_param_id_to_sharded_param_map(model.sharded_state_dict(), params)
+    optim_state_to_sharding_state(sd, id_map, exclude_keys=("step",))
+    # AdamW's step is a scalar shared by all params: keep it once, outside the sharded tensors
+    sd["common_step"] = steps[0] if steps else torch.tensor(0.0)
+    return sd
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    state["tracker"] = get_cuda_rng_tracker().get_states()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _broadcast(obj):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# -- save / load ----------------------------------------------------------------------------------
+def save(run_dir, step: int, model, optimizer, meta: dict, keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the committed step folder."""
+    from megatron.core import dist_checkpointing
+    rank = dist.get_rank()
+    root = checkpoints_dir(run_dir)
+    final = root / step_dir_name(step)
+    tmp = root / f"tmp.{step_dir_name(step)}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # a save of this step that died half-way: garbage by construction
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    dist.barrier()
+    sharded = {"model": model.sharded_state_dict(),
+               "optimizer": _optimizer_sharded_state(model, optimizer, loading=False)}
+    dist_checkpointing.save(sharded, str(tmp))
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    dist.barrier()
+    if rank == 0:
+        world = dist.get_world_size()
+        missing = [r for r in range(world) if not (tmp / "rng" / f"rank_{r:05d}.pt").is_file()]
+        if not (tmp / "metadata.json").is_file() or missing:
+            raise CheckpointError(f"checkpoint {tmp} failed verification (metadata or rng of ranks {missing})")
+        (tmp / MARKER).write_text(json.dumps({**meta, "step": step, "world_size": world}, indent=1))
+        if final.exists():  # re-saving a step (e.g. after a resume at the same step)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        latest_tmp = root / "latest.tmp"
+        latest_tmp.write_text(step_dir_name(step) + "\n")
+        os.replace(latest_tmp, root / "latest")
+        for old in complete_steps(run_dir)[:-keep_last]:
+            shutil.rmtree(root / step_dir_name(old), ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def check_compatible(meta: dict, model_shape: dict, path) -> None:
+    """A checkpoint of another model shape is refused with the differing keys named."""
+    saved = meta.get("model_shape", {})
+    diff = {k: (saved.get(k), v) for k, v in model_shape.items() if k in saved and saved[k] != v}
+    if diff:
+        lines = ", ".join(f"model.{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
+        raise CheckpointError(f"checkpoint {path} has another model shape ({lines})")
+
+
+def load(step_dir, model, optimizer=None, model_shape: Optional[dict] = None, restore_rng: bool = True) -> dict:
+    """Collective. Loads weights (and optimizer + RNG unless weights-only); returns the meta dict.
+
+    Any tensor-parallel / data-parallel layout can load any other one's checkpoint: megatron's
+    sharded state dict describes how each tensor is split.
+    """
+    from megatron.core import dist_checkpointing
+    step_dir = Path(step_dir)
+    meta = read_meta(step_dir)
+    if model_shape is not None:
+        check_compatible(meta, model_shape, step_dir)
+    request = {"model": model.sharded_state_dict()}
+    if optimizer is not None:
+        request["optimizer"] = _optimizer_sharded_state(model, optimizer, loading=True)
+    try:
+        loaded = dist_checkpointing.load(request, str(step_dir))
+    except Exception as e:  # megatron's messages are long; say which checkpoint and why first
+        raise CheckpointError(f"could not load checkpoint {step_dir}: {type(e).__name__}: {e}") from e
+    model.load_state_dict(loaded["model"])
+    if optimizer is not None:
+        opt_sd = loaded["optimizer"]
+        step = opt_sd.pop("common_step")
+        for st in opt_sd["state"].values():
+            st["step"] = step.clone() if torch.is_tensor(step) else torch.tensor(float(step))
+        optimizer.load_state_dict(opt_sd)
+        rng_file = step_dir / "rng" / f"rank_{dist.get_rank():05d}.pt"
+        if restore_rng and meta.get("world_size") == dist.get_world_size() and rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+    return meta

@@ -1,0 +1,128 @@
+"""``nld-train recipe=<name> [group=option ...] [key=value ...]`` (Hydra compose API).
+
+The config is composed and checked against the typed schema (:mod:`nld_train.config`) before
+torch or megatron are imported, so a wrong key, a wrong type or an impossible layout fails at
+once, naming the key. A recipe with a ``pipeline`` runs its stages one after another in
+``run.dir/<stage>``, each initialised from the previous stage's final checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+USAGE = """usage: nld-train recipe=<name> [group=option ...] [key=value ...]
+
+recipes:  {recipes}
+groups:   model={models}  objective={objectives}  parallel={parallels}  data={datas}
+examples: nld-train recipe=demo
+          nld-train recipe=smoke run.dir=runs/x train.max_steps=12 checkpoint.interval=3
+          torchrun --nproc_per_node=2 -m nld_train.cli recipe=smoke parallel=tp2
+Resuming is automatic when run.dir already holds a checkpoint. Docs: docs/recipes.md"""
+
+
+def recipes_dir() -> Path:
+    env = os.environ.get("NLD_RECIPES_DIR")
+    d = Path(env) if env else Path(__file__).resolve().parents[1] / "recipes"
+    if not (d / "config.yaml").is_file():
+        raise FileNotFoundError(f"recipes folder {d} not found (set NLD_RECIPES_DIR or install nld-train "
+                                "editable from its repository: pip install -e .)")
+    return d
+
+
+def _options(group: str) -> str:
+    return ",".join(sorted(p.stem for p in (recipes_dir() / group).glob("*.yaml")))
+
+
+def _register() -> None:
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from nld_train.config import Config
+    ConfigStore.instance().store(name="nld_schema", node=Config)
+    if not OmegaConf.has_resolver("nld_asset"):
+        # the packaged demo assets (tokenizer) and the demo corpus, built on first use
+        OmegaConf.register_new_resolver("nld_asset", lambda name: str(Path(__file__).parent / "assets" / name))
+        OmegaConf.register_new_resolver("nld_demo_corpus", _demo_corpus)
+
+
+def _demo_corpus() -> str:
+    from nld_train.data.demo_corpus import ensure_demo_corpus
+    return ensure_demo_corpus()
+
+
+class UsageError(ValueError):
+    pass
+
+
+def load_config(overrides: list[str], world_size: int | None = None):
+    """Compose, type-check and validate; returns a :class:`nld_train.config.Config`."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from nld_train.config import ConfigError, validate
+
+    recipe = [o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")]
+    if not recipe:
+        raise UsageError("missing recipe=<name>; available: " + _options("recipe"))
+    _register()
+    try:
+        with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
+            node = compose("config", overrides=list(overrides))
+        OmegaConf.set_struct(node, False)
+        node.recipe = recipe[-1]
+        OmegaConf.set_struct(node, True)
+        cfg = OmegaConf.to_object(node)
+    except (HydraException, OmegaConfBaseException) as e:
+        msg, cause = str(e), e.__cause__
+        while cause is not None:  # Hydra wraps the message that names the key; show the chain
+            msg += f"\n  {cause}"
+            cause = cause.__cause__
+        raise ConfigError(msg) from None
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    validate(cfg, world)
+    return cfg
+
+
+def stage_overrides(cfg, overrides: list[str]) -> list[tuple[str, list[str]]]:
+    """(run_dir, overrides) per stage of a pipeline recipe; user overrides reach every stage."""
+    user = [o for o in overrides if not o.startswith("recipe=")]
+    out, prev = [], None
+    for st in cfg.pipeline:
+        run_dir = str(Path(cfg.run.dir) / st.name)
+        ov = [f"recipe={st.recipe}", *user, f"run.dir={run_dir}"]
+        if prev is not None:
+            ov.append(f"checkpoint.init_from={prev}")
+        out.append((run_dir, ov))
+        prev = run_dir
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from nld_train.config import ConfigError
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(USAGE.format(recipes=_options("recipe"), models=_options("model"), objectives=_options("objective"),
+                           parallels=_options("parallel"), datas=_options("data")))
+        return 0
+    try:
+        cfg = load_config(argv)
+        stages = [(cfg.run.dir, argv, cfg)] if not cfg.pipeline else \
+            [(d, ov, load_config(ov)) for d, ov in stage_overrides(cfg, argv)]
+    except (ConfigError, UsageError, FileNotFoundError) as e:
+        print(f"nld-train: configuration error: {e}", file=sys.stderr)
+        return 2
+    from nld_train.train.trainer import run
+    for i, (run_dir, _, stage_cfg) in enumerate(stages):
+        if len(stages) > 1:
+            print(f"=== stage {i + 1}/{len(stages)}: {stage_cfg.recipe} -> {run_dir}", flush=True)
+        run(stage_cfg)
+    from nld_train.dist import shutdown
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

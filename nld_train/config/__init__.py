@@ -1,0 +1,265 @@
+"""Typed configuration: the single source of truth for every key a recipe may set.
+
+Hydra recipes (``recipes/``) only set values; these dataclasses define which keys exist, their
+types and defaults, and :func:`validate` checks the combinations no type can express (parallel
+layout, batch arithmetic, block size). Nothing here imports torch or megatron, so a wrong key
+fails before any heavy import.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration value is impossible; the message names the key."""
+
+
+@dataclass
+class RopeScalingConfig:
+    # "none": plain RoPE; "yarn": YaRN frequency interpolation (Ministral-3 / NLD bases).
+    type: str = "none"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_attention_heads: int = 8
+    num_query_groups: int = 4
+    ffn_hidden_size: int = 704
+    # head dimension; None = hidden_size / num_attention_heads
+    kv_channels: Optional[int] = None
+    # true vocabulary size (the tokenizer's); padded inside nld-train for tensor parallelism
+    vocab_size: int = 8192
+    make_vocab_size_divisible_by: int = 128
+    max_position_embeddings: int = 4096
+    norm_epsilon: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    # Llama-4 query scaling 1 + beta * ln(1 + floor(pos / original_max)); None = off.
+    # Positions are each half's own 0..L-1 (not the 2L concatenation, see docs/objective.md).
+    query_scaling_beta: Optional[float] = None
+    # token id of [MASK]; must equal the tokenizer's mask token (checked at start)
+    mask_token_id: int = 1
+    init_method_std: float = 0.02
+    # "auto": FlexAttention block masks on CUDA, dense boolean-mask SDPA on CPU
+    attention_backend: str = "auto"
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "ar"  # "ar" (stage 1) or "joint" (stage 2, SFT)
+    alpha: float = 0.3
+    ar_weight: float = 1.0
+    block_size: int = 32
+    noise_eps: float = 1e-3
+    # combined: (alpha*S_diff + w*S_ar) / (N_masked + N_ar); separate: alpha*S_diff/N_masked +
+    # w*S_ar/N_ar (both over the whole global batch); per_microbatch: public-recipe ablation
+    loss_normalization: str = "combined"
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    # "auto": nccl on CUDA, gloo on CPU
+    backend: str = "auto"
+    timeout_minutes: int = 10
+
+
+@dataclass
+class DataConfig:
+    # an indexed-shard prefix, or a blend "w1 prefix1 w2 prefix2" (list or string)
+    path: Any = None
+    split: str = "98,2,0"
+    # where megatron caches its sample indices; None = <run.dir>/data_cache
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class TokenizerConfig:
+    # a Hugging Face tokenizer folder; its mask token must equal model.mask_token_id
+    path: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    global_batch_size: int = 16
+    micro_batch_size: int = 4
+    seq_length: int = 128
+    seed: int = 1234
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    # "wsd" (warmup, stable, decay), "cosine", "constant"
+    lr_schedule: str = "cosine"
+    lr_warmup_steps: int = 0
+    # length of the schedule; None = train.max_steps at the first start. It is stored in the run
+    # dir then, so raising train.max_steps later extends training without rewriting past LRs.
+    lr_schedule_steps: Optional[int] = None
+    # WSD: fraction of the schedule spent decaying at the end
+    lr_decay_fraction: float = 0.2
+    # WSD decay shape: "linear", "cosine", "minus_sqrt"
+    lr_decay_style: str = "linear"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    # "bf16" (autocast, fp32 master weights and grads) or "fp32"; "auto": bf16 on CUDA, fp32 on CPU
+    precision: str = "auto"
+    log_interval: int = 1
+    eval_interval: int = 0
+    eval_iters: int = 4
+    # print a greedy AR sample of this many tokens at the end (0 = off)
+    sample_tokens: int = 0
+    sample_prompt: str = "ROMEO:"
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # 0 = only at the end
+    save_final: bool = True
+    keep_last: int = 3
+    # weights-only initialisation (new optimizer, step 0): a run dir, a step dir or a checkpoints/
+    init_from: Optional[str] = None
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    name: Optional[str] = None
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "nld-train"
+    name: Optional[str] = None
+
+
+@dataclass
+class StageConfig:
+    name: str = ""    # sub-folder of run.dir
+    recipe: str = ""  # the recipe this stage runs
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # name of the recipe this config came from (set by the CLI)
+    recipe: str = ""
+    # a multi-stage recipe: names of recipes run one after another in run.dir/<name>, each
+    # stage initialised from the previous one's final checkpoint; empty = a single stage
+    pipeline: List[StageConfig] = field(default_factory=list)
+
+
+def _fail(key: str, msg: str):
+    raise ConfigError(f"{key}: {msg}")
+
+
+def _choice(key: str, value, allowed):
+    if value not in allowed:
+        _fail(key, f"{value!r} is not one of {sorted(allowed)}")
+
+
+def padded_vocab_size(model: ModelConfig, tp: int) -> int:
+    """Vocabulary rounded up so every tensor-parallel rank holds an equal, aligned shard."""
+    multiple = model.make_vocab_size_divisible_by * tp
+    return -(-model.vocab_size // multiple) * multiple
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Check what types cannot: every error names the offending key."""
+    m, o, p, t, c = cfg.model, cfg.objective, cfg.parallel, cfg.train, cfg.checkpoint
+    if not cfg.pipeline:
+        if cfg.data.path in (None, "", []):
+            _fail("data.path", "is required (an indexed-shard prefix or a blend), e.g. data.path=/data/corpus_text_document")
+        if not cfg.tokenizer.path:
+            _fail("tokenizer.path", "is required (a Hugging Face tokenizer folder)")
+    for key, val in [("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
+                     ("model.num_attention_heads", m.num_attention_heads),
+                     ("model.num_query_groups", m.num_query_groups),
+                     ("model.ffn_hidden_size", m.ffn_hidden_size), ("model.vocab_size", m.vocab_size),
+                     ("train.max_steps", t.max_steps), ("train.global_batch_size", t.global_batch_size),
+                     ("train.micro_batch_size", t.micro_batch_size), ("train.seq_length", t.seq_length),
+                     ("objective.block_size", o.block_size),
+                     ("parallel.tensor_model_parallel_size", p.tensor_model_parallel_size),
+                     ("train.log_interval", t.log_interval)]:
+        if val <= 0:
+            _fail(key, f"must be positive, got {val}")
+    if m.num_attention_heads % m.num_query_groups:
+        _fail("model.num_query_groups", f"{m.num_query_groups} does not divide "
+              f"model.num_attention_heads={m.num_attention_heads}")
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
+        _fail("model.hidden_size", f"{m.hidden_size} is not divisible by model.num_attention_heads="
+              f"{m.num_attention_heads}; set model.kv_channels")
+    if not 0 <= m.mask_token_id < m.vocab_size:
+        _fail("model.mask_token_id", f"{m.mask_token_id} is outside the vocabulary [0, {m.vocab_size})")
+    _choice("model.rope_scaling.type", m.rope_scaling.type, {"none", "yarn"})
+    if m.rope_scaling.type == "yarn" and (m.rope_scaling.factor <= 1
+                                          or m.rope_scaling.original_max_position_embeddings <= 0):
+        _fail("model.rope_scaling", "yarn needs factor > 1 and original_max_position_embeddings > 0")
+    _choice("model.attention_backend", m.attention_backend, {"auto", "sdpa", "flex"})
+    _choice("objective.name", o.name, {"ar", "joint"})
+    _choice("objective.loss_normalization", o.loss_normalization, {"combined", "separate", "per_microbatch"})
+    if o.alpha < 0 or o.ar_weight < 0:
+        _fail("objective.alpha", "loss weights objective.alpha and objective.ar_weight must be >= 0")
+    if not 0 < o.noise_eps < 1:
+        _fail("objective.noise_eps", f"must be in (0, 1), got {o.noise_eps}")
+    if o.name == "joint" and t.seq_length % o.block_size:
+        _fail("train.seq_length", f"{t.seq_length} is not divisible by objective.block_size={o.block_size}")
+
+    tp = p.tensor_model_parallel_size
+    if world_size % tp:
+        _fail("parallel.tensor_model_parallel_size", f"{tp} does not divide the world size {world_size}")
+    if m.num_attention_heads % tp:
+        _fail("parallel.tensor_model_parallel_size",
+              f"{tp} does not divide model.num_attention_heads={m.num_attention_heads}")
+    if m.num_query_groups % tp:
+        _fail("parallel.tensor_model_parallel_size",
+              f"{tp} does not divide model.num_query_groups={m.num_query_groups}")
+    if m.ffn_hidden_size % tp:
+        _fail("parallel.tensor_model_parallel_size", f"{tp} does not divide model.ffn_hidden_size")
+    if p.sequence_parallel and tp == 1:
+        _fail("parallel.sequence_parallel", "needs parallel.tensor_model_parallel_size > 1")
+    if p.sequence_parallel and t.seq_length % tp:
+        _fail("parallel.sequence_parallel", f"train.seq_length={t.seq_length} is not divisible by TP={tp}")
+    _choice("parallel.backend", p.backend, {"auto", "gloo", "nccl"})
+    dp = world_size // tp
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        _fail("train.global_batch_size", f"{t.global_batch_size} is not divisible by "
+              f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp})")
+    if t.seq_length > m.max_position_embeddings:
+        _fail("train.seq_length", f"{t.seq_length} exceeds model.max_position_embeddings="
+              f"{m.max_position_embeddings}")
+    _choice("train.lr_schedule", t.lr_schedule, {"wsd", "cosine", "constant"})
+    _choice("train.lr_decay_style", t.lr_decay_style, {"linear", "cosine", "minus_sqrt"})
+    _choice("train.precision", t.precision, {"auto", "bf16", "fp32"})
+    if t.lr < 0 or t.min_lr < 0 or t.min_lr > t.lr:
+        _fail("train.min_lr", f"need 0 <= train.min_lr <= train.lr, got {t.min_lr} and {t.lr}")
+    if t.lr_schedule_steps is not None and t.lr_schedule_steps < 1:
+        _fail("train.lr_schedule_steps", "must be positive")
+    if t.lr_warmup_steps < 0:
+        _fail("train.lr_warmup_steps", "must be >= 0")
+    if not 0 <= t.lr_decay_fraction <= 1:
+        _fail("train.lr_decay_fraction", "must be in [0, 1]")
+    if c.interval < 0 or c.keep_last < 1:
+        _fail("checkpoint.interval", "checkpoint.interval must be >= 0 and checkpoint.keep_last >= 1")
+    _choice("wandb.mode", cfg.wandb.mode, {"offline", "online", "disabled"})

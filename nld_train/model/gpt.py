@@ -1,0 +1,146 @@
+"""The megatron-core GPTModel, Llama/Mistral-shaped, with what NLD needs on top.
+
+- positions from ``position_ids`` (megatron's plain rope ignores them; the joint layout repeats
+  0..L-1 for both halves), YaRN frequencies, Llama-4 query scaling from each half's positions;
+- the structured-mask core attention (:mod:`nld_train.model.attention`);
+- a padded vocabulary for tensor parallelism whose padded entries never count in a loss and
+  never win an argmax;
+- TE layer spec when Transformer Engine and CUDA are present, local spec otherwise.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+from nld_train.config import ModelConfig, ParallelConfig, padded_vocab_size
+from nld_train.dist import capabilities
+from nld_train.model.attention import AttentionInputs, NLDCoreAttention, build_attention_inputs
+from nld_train.model.rope import query_scale, rope_inv_freq
+
+
+class RMSNormSP(torch.nn.RMSNorm):
+    """torch RMSNorm that accepts sequence parallelism (megatron's WrappedTorchNorm refuses it).
+
+    The ``sequence_parallel`` tag makes ``finalize_model_grads`` all-reduce the weight's gradient
+    over the TP group: under SP each rank only saw its slice of the sequence.
+    """
+
+    def __init__(self, config, hidden_size, eps=1e-5, **unused):
+        super().__init__(hidden_size, eps=eps)
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+
+def layer_spec(use_te: bool):
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+        layer = get_gpt_layer_with_transformer_engine_spec()
+        norm = None  # TE fuses the pre-norms into the linear layers; final norm from TE below
+    else:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+        layer.submodules.input_layernorm = layer.submodules.pre_mlp_layernorm = RMSNormSP
+        norm = RMSNormSP
+    layer.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
+    layer.submodules.self_attention.submodules.core_attention = NLDCoreAttention
+    return layer, norm
+
+
+class NLDGPTModel(GPTModel):
+    def __init__(self, *args, nld: ModelConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nld = nld
+        head_dim = self.config.kv_channels
+        self.rotary_pos_emb.inv_freq = rope_inv_freq(head_dim, nld.rope_theta, nld.rope_scaling).to(
+            self.rotary_pos_emb.inv_freq.device)
+        self._mask_cache = {}
+
+    # -- inputs -----------------------------------------------------------------------------
+    def attention_inputs(self, kind: str, seq_len: int, block_size: int, device) -> AttentionInputs:
+        """Cached masks for one layout (L = ``seq_len``); built from the shared mask predicate."""
+        key = (kind, seq_len, block_size, str(device))
+        if key not in self._mask_cache:
+            backend = self.nld.attention_backend
+            if backend == "auto":
+                backend = "flex" if capabilities().cuda and kind == "joint" else "sdpa"
+            qs = None
+            if self.nld.query_scaling_beta:
+                pos = torch.arange(seq_len, device=device)
+                pos = pos.repeat(2) if kind == "joint" else pos
+                qs = query_scale(pos, self.nld.query_scaling_beta,
+                                 self.nld.rope_scaling.original_max_position_embeddings)
+            self._mask_cache[key] = build_attention_inputs(kind, seq_len, block_size, backend, device, qs)
+        return self._mask_cache[key]
+
+    def _preprocess(self, input_ids, position_ids, *args, **kwargs):
+        # megatron's "rope" uses arange(S); rebuild the angles from position_ids [B, S]
+        out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
+        inv = self.rotary_pos_emb.inv_freq
+        freqs = position_ids.to(inv.dtype)[..., None] * inv          # [B, S, D/2]
+        emb = torch.cat([freqs, freqs], -1).transpose(0, 1)[:, :, None, :]  # [S, B, 1, D]
+        return (out[0], emb.contiguous()) + tuple(out[2:])
+
+    # -- outputs ----------------------------------------------------------------------------
+    def _mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits [..., V/TP] of this TP rank with padded vocabulary entries set to -inf-ish."""
+        local = logits.size(-1)
+        start = ps.get_tensor_model_parallel_rank() * local if self.parallel_output else 0
+        n_valid = self.nld.vocab_size - start
+        if n_valid >= local:
+            return logits
+        ids = torch.arange(local, device=logits.device)
+        return logits.masked_fill(ids >= n_valid, torch.finfo(logits.dtype).min)
+
+    def compute_language_model_loss(self, labels, logits):
+        """Per-token cross-entropy [B, S] over the real vocabulary (fp32, vocab-parallel)."""
+        logits = self._mask_padded_vocab(logits.float())
+        loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous())
+        return loss.transpose(0, 1).contiguous()
+
+    def full_logits(self, input_ids, position_ids, attention: AttentionInputs):
+        """Logits [B, S, vocab_size] gathered over TP, padded entries removed (sampling, tests)."""
+        logits = self(input_ids, position_ids, attention, runtime_gather_output=True)
+        return logits[..., : self.nld.vocab_size]
+
+
+def transformer_config(m: ModelConfig, p: ParallelConfig) -> TransformerConfig:
+    cuda = capabilities().cuda
+    return TransformerConfig(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size, kv_channels=m.kv_channels,
+        normalization="RMSNorm", layernorm_epsilon=m.norm_epsilon, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        init_method_std=m.init_method_std, params_dtype=torch.float32,
+        # full weights are drawn from the torch seed and then split: every TP layout starts from
+        # the same weights (what makes TP=1 vs TP=2 comparisons exact)
+        use_cpu_initialization=True,
+        tensor_model_parallel_size=p.tensor_model_parallel_size, sequence_parallel=p.sequence_parallel,
+        # sum token losses; finalize_model_grads must not divide by DP (we normalise globally)
+        calculate_per_token_loss=True,
+        bias_activation_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def build_model(m: ModelConfig, p: ParallelConfig, max_seq_length: int, seed: int) -> NLDGPTModel:
+    """The training model on the current device; identical initial weights for any TP layout."""
+    caps = capabilities()
+    torch.manual_seed(seed)
+    cfg = transformer_config(m, p)
+    layer, norm = layer_spec(caps.transformer_engine)
+    if norm is None:
+        from megatron.core.extensions.transformer_engine import TENorm
+        norm = TENorm
+    spec = TransformerBlockSubmodules(layer_specs=[layer] * m.num_layers, layer_norm=norm)
+    model = NLDGPTModel(
+        config=cfg, transformer_layer_spec=spec,
+        vocab_size=padded_vocab_size(m, p.tensor_model_parallel_size),
+        max_sequence_length=max(max_seq_length, m.max_position_embeddings),
+        position_embedding_type="rope", rotary_base=int(m.rope_theta),
+        share_embeddings_and_output_weights=False, parallel_output=True, nld=m)
+    return model.to(caps.device)

@@ -1,0 +1,130 @@
+"""What a run tells the world: progress lines, metrics.jsonl, wandb, provenance.
+
+Only rank 0 writes. On resume, metric lines of steps after the restored checkpoint are dropped so
+every step appears exactly once in ``metrics.jsonl``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+
+class MetricsLog:
+    def __init__(self, run_dir, resume_step: int):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        if self.path.exists():  # keep lines up to the restored step, drop the rest atomically
+            kept = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            os.replace(tmp, self.path)
+        self._f = open(self.path, "a")
+
+    def write(self, row: dict) -> None:
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def progress_line(row: dict, max_steps: int, eta_s: Optional[float]) -> str:
+    parts = [f"step {row['step']}/{max_steps}", f"loss {row['loss']:.4f}"]
+    if row.get("loss_ar") is not None:
+        parts.append(f"loss_ar {row['loss_ar']:.4f}")
+    if row.get("loss_diff") is not None:
+        parts.append(f"loss_diff {row['loss_diff']:.4f}")
+    parts += [f"lr {row['lr']:.3e}", f"grad_norm {row['grad_norm']:.3f}",
+              f"tok/s {row['tokens_per_s']:.0f}"]
+    if row.get("mfu") is not None:
+        parts.append(f"mfu {100 * row['mfu']:.1f}%")
+    if eta_s is not None:
+        parts.append(f"eta {_hms(eta_s)}")
+    return " | ".join(parts)
+
+
+def _hms(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def train_flops_per_token(m, seq_len: int, joint: bool) -> float:
+    """Model FLOPs per *data* token for forward+backward (PaLM-style 6N + 12·layers·d·S).
+
+    The joint layout processes 2L tokens per L data tokens, so its cost per data token doubles
+    (plus the longer attention).
+    """
+    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
+    q, kv = m.num_attention_heads * head_dim, m.num_query_groups * head_dim
+    per_layer = m.hidden_size * (q + 2 * kv) + q * m.hidden_size + 3 * m.hidden_size * m.ffn_hidden_size
+    n = m.num_layers * per_layer + m.hidden_size * m.vocab_size  # output layer; embedding is a lookup
+    s = 2 * seq_len if joint else seq_len
+    return (6 * n + 12 * m.num_layers * q * s) * s / seq_len
+
+
+def gpu_peak_flops() -> Optional[float]:
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12)):
+        if key in name:
+            return flops
+    return None
+
+
+def provenance(layout, caps) -> dict:
+    def version(pkg):
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True,
+                                    text=True, timeout=5).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
+        "python": sys.version.split()[0], "platform": platform.platform(), "argv": sys.argv,
+        "git_commit": commit, "git_dirty": dirty,
+        "versions": {p: version(p) for p in ("nld-train", "torch", "megatron-core", "transformers",
+                                              "tokenizers", "hydra-core", "transformer-engine", "wandb")},
+        "world": {"world_size": layout.world_size, "tp": layout.tp, "dp": layout.dp},
+        "device": caps.device, "transformer_engine": caps.transformer_engine, "apex": caps.apex,
+    }
+
+
+class Wandb:
+    """wandb, offline by default; the run id lives in the run dir so a resume continues the run."""
+
+    def __init__(self, cfg, run_dir, config_dict: dict):
+        self.run = None
+        if cfg.mode == "disabled":
+            return
+        import wandb
+        id_file = Path(run_dir) / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.run = wandb.init(project=cfg.project, name=cfg.name or Path(run_dir).name, id=run_id,
+                              resume="allow", mode=cfg.mode, dir=str(run_dir), config=config_dict)
+
+    def log(self, row: dict) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=row["step"])
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()

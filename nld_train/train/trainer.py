@@ -1,0 +1,278 @@
+"""The training loop: one loop for every stage (AR, joint, SFT); the objective decides the math.
+
+A step, top to bottom:
+1. fetch this rank's micro-batches by *global sample index* (step · global_batch + offset), so the
+   data order and the diffusion noise do not depend on the parallel layout or on resumes;
+2. let the objective prepare every micro-batch (noise first) and all-reduce the token counts
+   (N_AR, N_masked) over data-parallel ranks: the normaliser of the *whole global batch*;
+3. forward/backward each micro-batch with its loss already divided by those global counts;
+   megatron DDP sums gradients (``calculate_per_token_loss=True``: no 1/DP) and
+   ``finalize_model_grads`` is called without ``num_tokens`` (no second division);
+4. TP-aware clip, AdamW, log, checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nld_train import checkpoint as ckpt
+from nld_train.config import Config, padded_vocab_size, validate
+from nld_train.dist import capabilities, init_distributed
+from nld_train.observability import MetricsLog, Wandb, gpu_peak_flops, progress_line, provenance, train_flops_per_token
+from nld_train.train.optim import build_optimizer, grad_norm_and_clip
+from nld_train.train.schedule import lr_at
+
+
+def model_shape(cfg: Config) -> dict:
+    m = cfg.model
+    return {k: getattr(m, k) for k in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                                       "ffn_hidden_size", "kv_channels", "vocab_size")}
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        from nld_train.data import MegatronTokenizer, build_gpt_datasets, check_mask_token, load_tokenizer
+        from nld_train.model.gpt import build_model
+        from nld_train.objective import build_objective
+
+        self.cfg, t = cfg, cfg.train
+        self.layout = init_distributed(cfg.parallel.tensor_model_parallel_size, cfg.parallel.backend,
+                                       cfg.parallel.timeout_minutes, seed=t.seed)
+        validate(cfg, self.layout.world_size)
+        self.caps = capabilities()
+        self.device = torch.device(self.caps.device)
+        self.rank0 = self.layout.rank == 0
+        self.run_dir = Path(cfg.run.dir)
+        if self.rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+
+        self.tokenizer = load_tokenizer(cfg.tokenizer.path)
+        if len(self.tokenizer) > cfg.model.vocab_size:
+            raise ValueError(f"tokenizer {cfg.tokenizer.path} has {len(self.tokenizer)} tokens but "
+                             f"model.vocab_size is {cfg.model.vocab_size}")
+        check_mask_token(self.tokenizer, cfg.model.mask_token_id)
+
+        self.model = build_model(cfg.model, cfg.parallel, t.seq_length, t.seed)
+        self.ddp = DistributedDataParallel(self.model.config,
+                                           DistributedDataParallelConfig(grad_reduce_in_fp32=True), self.model)
+        self.params = [p for p in self.ddp.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.ddp, t)
+        o = cfg.objective
+        kw = dict(ar_weight=o.ar_weight, normalization=o.loss_normalization)
+        if o.name == "joint":
+            kw.update(mask_token_id=cfg.model.mask_token_id, block_size=o.block_size, alpha=o.alpha,
+                      eps=o.noise_eps, seed=t.seed)
+        self.objective = build_objective(o.name, **kw)
+        self.precision = ("bf16" if self.caps.cuda else "fp32") if t.precision == "auto" else t.precision
+
+        # resume (full state) takes precedence over init_from (weights only)
+        self.step, self.schedule_steps = 0, t.lr_schedule_steps or t.max_steps
+        latest = ckpt.find_latest(self.run_dir)
+        shape = model_shape(cfg)
+        if latest is not None:
+            meta = ckpt.load(latest, self.model, self.optimizer, model_shape=shape)
+            self.step = meta["step"]
+            self.schedule_steps = t.lr_schedule_steps or meta["lr_schedule_steps"]
+            self._log(f"resumed from {latest} at step {self.step}")
+        elif cfg.checkpoint.init_from:
+            src = ckpt.resolve(cfg.checkpoint.init_from)
+            ckpt.load(src, self.model, None, model_shape=shape)
+            self._log(f"initialised weights from {src}")
+
+        n_train = max(t.max_steps, self.schedule_steps) * t.global_batch_size
+        n_valid = t.eval_iters * t.global_batch_size if t.eval_interval > 0 else 0
+        self.train_ds, self.valid_ds = build_gpt_datasets(
+            cfg.data.path, MegatronTokenizer(self.tokenizer), t.seq_length, n_train, n_valid, t.seed,
+            cfg.data.split, cfg.data.cache_dir or str(self.run_dir / "data_cache"))
+
+        self.metrics = MetricsLog(self.run_dir, self.step) if self.rank0 else None
+        if self.rank0:
+            from omegaconf import OmegaConf
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            import json
+            (self.run_dir / "provenance.json").write_text(
+                json.dumps(provenance(self.layout, self.caps), indent=1))
+        self.wandb = Wandb(cfg.wandb, self.run_dir, asdict(cfg)) if self.rank0 else None
+        self.flops_per_token = train_flops_per_token(cfg.model, t.seq_length, o.name == "joint")
+        self.peak_flops = gpu_peak_flops()
+
+    # -------------------------------------------------------------------------------------------
+    def _log(self, msg: str) -> None:
+        if self.rank0:
+            print(msg, flush=True)
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.caps.device, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _micro_batches(self, dataset, step: int):
+        """This rank's micro-batches of global batch ``step``: lists of global sample indices."""
+        from nld_train.data import get_samples
+        t, lay = self.cfg.train, self.layout
+        per_rank = t.global_batch_size // lay.dp
+        first = step * t.global_batch_size + lay.dp_rank * per_rank
+        for start in range(first, first + per_rank, t.micro_batch_size):
+            idx = list(range(start, start + t.micro_batch_size))
+            b = get_samples(dataset, idx)
+            yield idx, {k: b[k].to(self.device) for k in ("tokens", "labels", "loss_mask")}
+
+    def _prepare(self, dataset, step: int):
+        preps = [self.objective.prepare(b["tokens"], b["labels"], b["loss_mask"], idx)
+                 for idx, b in self._micro_batches(dataset, step)]
+        # the normaliser: token counts of the whole global batch (all micro-batches, all DP ranks)
+        counts = torch.stack([sum(p.n_ar for p in preps), sum(p.n_diff for p in preps)]).float()
+        dist.all_reduce(counts, group=self._dp_group())
+        return preps, counts
+
+    def _dp_group(self):
+        from megatron.core import parallel_state as ps
+        return ps.get_data_parallel_group()
+
+    def _forward(self, prep):
+        """Per-token cross-entropy [b, S] for one prepared micro-batch."""
+        L = self.cfg.train.seq_length
+        attn = self.model.attention_inputs(prep.attention, L, self.cfg.objective.block_size, self.device)
+        with self._autocast():
+            return self.ddp(prep.input_ids, prep.position_ids, attn, labels=prep.targets)
+
+    def _loss(self, s_ar, s_diff, prep, counts, n_micro_total):
+        o = self.cfg.objective
+        if o.loss_normalization == "per_microbatch":  # the public recipe: per-micro-batch means
+            n_ar, n_diff = prep.n_ar, prep.n_diff
+        else:
+            n_ar, n_diff = counts[0], counts[1]
+        return self.objective.normalized_loss(s_ar, s_diff, n_ar, n_diff, n_microbatches=n_micro_total)
+
+    def train_step(self, step: int) -> dict:
+        from megatron.core.distributed import finalize_model_grads
+        t = self.cfg.train
+        preps, counts = self._prepare(self.train_ds, step)
+        n_micro_total = len(preps) * self.layout.dp
+        self.ddp.zero_grad_buffer()
+        sums = torch.zeros(2, device=self.device)
+        for prep in preps:
+            s_ar, s_diff = self.objective.sums(self._forward(prep), prep)
+            self._loss(s_ar, s_diff, prep, counts, n_micro_total).backward()
+            sums += torch.stack([s_ar.detach(), s_diff.detach()]).float()
+        finalize_model_grads([self.ddp], num_tokens=None)  # DP all-reduce (sum), SP norm grads
+        dist.all_reduce(sums, group=self._dp_group())
+        grad_norm = grad_norm_and_clip(self.params, t.clip_grad)
+        lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, schedule=t.lr_schedule, warmup=t.lr_warmup_steps,
+                   total=self.schedule_steps, decay_fraction=t.lr_decay_fraction, decay_style=t.lr_decay_style)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        if math.isfinite(grad_norm):
+            for p in self.params:
+                p.grad = p.main_grad
+            self.optimizer.step()
+            for p in self.params:
+                p.grad = None  # never leave .grad aliased to main_grad: the next backward would count twice
+        else:
+            self._log(f"step {step + 1}: non-finite grad norm, update skipped")
+        rep = self.objective.reported_losses(sums[0], sums[1], counts[0], counts[1])
+        return {"loss": rep["loss"], "loss_ar": rep["loss_ar"], "loss_diff": rep.get("loss_diff"),
+                "lr": lr, "grad_norm": grad_norm}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        t = self.cfg.train
+        sums, counts_all = torch.zeros(2, device=self.device), torch.zeros(2, device=self.device)
+        self.ddp.eval()
+        for it in range(t.eval_iters):
+            preps, counts = self._prepare(self.valid_ds, it)
+            for prep in preps:
+                s_ar, s_diff = self.objective.sums(self._forward(prep), prep)
+                sums += torch.stack([s_ar, s_diff]).float()
+            counts_all += counts
+        self.ddp.train()
+        dist.all_reduce(sums, group=self._dp_group())
+        rep = self.objective.reported_losses(sums[0], sums[1], counts_all[0], counts_all[1])
+        return {f"val_{k}": v for k, v in rep.items() if v is not None}
+
+    def save(self) -> None:
+        meta = {"lr_schedule_steps": self.schedule_steps, "consumed_samples": self.step * self.cfg.train.global_batch_size,
+                "model_shape": model_shape(self.cfg), "objective": self.cfg.objective.name,
+                "padded_vocab_size": padded_vocab_size(self.cfg.model, self.layout.tp),
+                "tensor_model_parallel_size": self.layout.tp, "recipe": self.cfg.recipe}
+        t0 = time.time()
+        path = ckpt.save(self.run_dir, self.step, self.model, self.optimizer, meta, self.cfg.checkpoint.keep_last)
+        self._log(f"saved checkpoint {path} ({time.time() - t0:.1f}s)")
+
+    def fit(self) -> None:
+        t, c = self.cfg.train, self.cfg.checkpoint
+        self.ddp.train()
+        tokens_per_step = t.global_batch_size * t.seq_length
+        start_step, t_start, saved_at = self.step, time.time(), None
+        self._log(f"training {self.cfg.recipe or 'run'}: objective={self.cfg.objective.name} steps "
+                  f"{self.step}->{t.max_steps} world={self.layout.world_size} (tp={self.layout.tp}, "
+                  f"dp={self.layout.dp}) device={self.caps.device} te={self.caps.transformer_engine} "
+                  f"apex={self.caps.apex} precision={self.precision} "
+                  f"run_dir={self.run_dir}")
+        while self.step < t.max_steps:
+            t0 = time.time()
+            row = self.train_step(self.step)
+            self.step += 1
+            dt = time.time() - t0
+            row = {"step": self.step, **row, "tokens": self.step * tokens_per_step,
+                   "tokens_per_s": tokens_per_step / dt, "step_time_s": dt}
+            if self.peak_flops:
+                row["mfu"] = self.flops_per_token * row["tokens_per_s"] / (self.peak_flops * self.layout.world_size)
+            if t.eval_interval and self.step % t.eval_interval == 0:
+                row.update(self.evaluate())
+            if self.rank0:
+                self.metrics.write(row)
+                self.wandb.log(row)
+                if self.step % t.log_interval == 0 or self.step == t.max_steps:
+                    done = self.step - start_step
+                    eta = (time.time() - t_start) / done * (t.max_steps - self.step)
+                    print(progress_line(row, t.max_steps, eta), flush=True)
+            if c.interval and self.step % c.interval == 0:
+                self.save()
+                saved_at = self.step
+        if c.save_final and self.step > start_step and saved_at != self.step:
+            self.save()
+
+    def close(self) -> None:
+        if self.rank0:
+            self.metrics.close()
+            self.wandb.finish()
+
+
+def sample_text(trainer: Trainer, prompt: str, n_tokens: int) -> str:
+    """Greedy AR continuation with the training model (full re-forward per token, no KV cache:
+    the inference submodule brings the real decoders)."""
+    tok, model = trainer.tokenizer, trainer.model
+    ids = torch.tensor([tok.encode(prompt)], device=trainer.device)
+    model.eval()
+    with torch.no_grad():
+        for _ in range(n_tokens):
+            L = ids.size(1)
+            attn = model.attention_inputs("causal", L, 1, trainer.device)
+            logits = model.full_logits(ids, torch.arange(L, device=trainer.device)[None], attn)
+            logits[..., trainer.cfg.model.mask_token_id] = float("-inf")  # the mask is never an output
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+            if ids[0, -1].item() == tok.eos_token_id:
+                break
+    model.train()
+    return tok.decode(ids[0].tolist())
+
+
+def run(cfg: Config) -> None:
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit()
+        if cfg.train.sample_tokens > 0:
+            text = sample_text(trainer, cfg.train.sample_prompt, cfg.train.sample_tokens)
+            trainer._log(f"--- AR sample (greedy, {cfg.train.sample_tokens} tokens) ---\n{text}\n---")
+    finally:
+        trainer.close()

@@ -1,0 +1,33 @@
+"""Shared test setup: offline hubs, quiet wandb, a 1-process gloo group for in-process model tests."""
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_TMP = tempfile.mkdtemp(prefix="nld-tests-")
+for k, v in dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                 HF_HOME=f"{_TMP}/hf", WANDB_MODE="disabled", WANDB_SILENT="true", WANDB_DIR=_TMP,
+                 WANDB_CACHE_DIR=_TMP, WANDB_CONFIG_DIR=_TMP, TOKENIZERS_PARALLELISM="false").items():
+    os.environ.setdefault(k, v)
+# one demo-corpus cache for the whole session (and for the CLI subprocesses the tests start)
+os.environ.setdefault("NLD_CACHE_DIR", str(Path(tempfile.gettempdir()) / "nld-test-cache"))
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def dist1():
+    """A 1-process gloo group with megatron parallel state (TP=1), shared by in-process tests."""
+    from nld_train.dist import init_distributed
+    return init_distributed(1, seed=1234)
+
+
+def run_cli(args, env=None, timeout=600, nproc=None):
+    """Run `nld-train` (or torchrun of it) in a subprocess; returns CompletedProcess."""
+    import subprocess
+    cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+            "-m", "nld_train.cli"] if nproc else [sys.executable, "-m", "nld_train.cli"]) + list(args)
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)

@@ -27,7 +27,7 @@ def dist1():
 def run_cli(args, env=None, timeout=600, nproc=None):
     """Run `nld-train` (or torchrun of it) in a subprocess; returns CompletedProcess."""
     import subprocess
-    cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+    cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
             "-m", "nld_train.cli"] if nproc else [sys.executable, "-m", "nld_train.cli"]) + list(args)
     e = dict(os.environ, **(env or {}))
     return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)

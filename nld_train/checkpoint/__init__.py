@@ -79,21 +79,21 @@ def read_meta(step_dir) -> dict:
 
 
 # -- optimizer state <-> sharded tensors ---------------------------------------------------------
-def _optimizer_sharded_state(model, optimizer, loading: bool):
+def _optimizer_sharded_state(model, optimizer):
     from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
                                                             optim_state_to_sharding_state)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    if loading:  # a fresh AdamW has no state yet: zero placeholders to load into
-        for p in params:
-            if not optimizer.state[p]:
-                optimizer.state[p] = dict(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
-                                          exp_avg_sq=torch.zeros_like(p))
+    # A fresh AdamW has no state yet; zeros at step 0 are exactly what its first step would create,
+    # so saves before any step and loads into a fresh optimizer see the same structure.
+    for p in params:
+        if not optimizer.state[p]:
+            optimizer.state[p] = dict(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                      exp_avg_sq=torch.zeros_like(p))
     sd = optimizer.state_dict()
-    steps = [s["step"] for s in sd["state"].values()]
     id_map = get_param_id_to_sharded_param_map(model.sharded_state_dict(), params)
     optim_state_to_sharding_state(sd, id_map, exclude_keys=("step",))
     # AdamW's step is a scalar shared by all params: keep it once, outside the sharded tensors
-    sd["common_step"] = steps[0] if steps else torch.tensor(0.0)
+    sd["common_step"] = optimizer.state[params[0]]["step"]
     return sd
 
 
@@ -137,7 +137,7 @@ def save(run_dir, step: int, model, optimizer, meta: dict, keep_last: int) -> Pa
         tmp.mkdir()
     dist.barrier()
     sharded = {"model": model.sharded_state_dict(),
-               "optimizer": _optimizer_sharded_state(model, optimizer, loading=False)}
+               "optimizer": _optimizer_sharded_state(model, optimizer)}
     dist_checkpointing.save(sharded, str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
@@ -182,7 +182,7 @@ def load(step_dir, model, optimizer=None, model_shape: Optional[dict] = None, re
         check_compatible(meta, model_shape, step_dir)
     request = {"model": model.sharded_state_dict()}
     if optimizer is not None:
-        request["optimizer"] = _optimizer_sharded_state(model, optimizer, loading=True)
+        request["optimizer"] = _optimizer_sharded_state(model, optimizer)
     try:
         loaded = dist_checkpointing.load(request, str(step_dir))
     except Exception as e:  # megatron's messages are long; say which checkpoint and why first

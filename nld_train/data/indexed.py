@@ -15,7 +15,7 @@ import math
 import os
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 from unittest import mock
@@ -30,6 +30,8 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, _IndexReader
+
+from nld_train.data.tokenizer import MegatronTokenizer
 
 # .idx layout (megatron's _IndexWriter): 9-byte magic, u64 version, u8 dtype code, u64 sequence
 # count, u64 document count, then int32 lengths, int64 byte pointers, int64 document boundaries.
@@ -72,8 +74,8 @@ def write_indexed_dataset(
     tmp = f"{prefix}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     dtype = token_dtype(vocab_size)
     n_docs = n_tokens = 0
+    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
     try:
-        builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
         for doc in documents:
             ids = np.asarray(doc, dtype=np.int64)
             if ids.ndim != 1 or ids.size == 0:
@@ -95,6 +97,7 @@ def write_indexed_dataset(
         os.replace(tmp + ".bin", prefix + ".bin")
         os.replace(tmp + ".idx", prefix + ".idx")
     finally:
+        builder.data_file.close()  # already closed by finalize() unless we are failing
         for suffix in (".bin", ".idx"):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp + suffix)
@@ -144,14 +147,13 @@ def validate_indexed_prefix(prefix: str | os.PathLike) -> IndexedInfo:
         raise corrupt(idx_path, "negative sequence lengths")
     n_tokens = int(lengths.sum(dtype=np.int64))
     itemsize = np.dtype(index.dtype).itemsize
-    del index  # closes its memory map
+    del lengths, bounds, index  # views first: megatron closes the memory map in __del__
 
     expected_bin = n_tokens * itemsize
     bin_size = os.path.getsize(bin_path)
     if bin_size != expected_bin:
-        raise corrupt(
-            bin_path, f"{bin_size} bytes, the index describes {n_tokens} tokens x {itemsize} bytes = {expected_bin}"
-        )
+        what = f"{bin_size} bytes, the index describes {n_tokens} tokens x {itemsize} bytes = {expected_bin}"
+        raise corrupt(bin_path, what)
     try:  # megatron's own consistency asserts, opened as GPTDataset will (and closed at once)
         IndexedDataset(prefix)
     except Exception as err:
@@ -175,7 +177,7 @@ def parse_data_path(path: str | os.PathLike | Sequence) -> tuple[list[str], list
     """
     if isinstance(path, (str, os.PathLike)):
         items = str(path).split()
-    elif isinstance(path, Sequence) or hasattr(path, "__iter__"):  # lists, tuples, OmegaConf ListConfig
+    elif isinstance(path, Iterable) and not isinstance(path, Mapping):  # list, tuple, OmegaConf ListConfig
         items = [str(item).strip() for item in path]
     else:
         raise ValueError(f"data.path must be a prefix string or a blend list, got {type(path).__name__}")
@@ -186,7 +188,7 @@ def parse_data_path(path: str | os.PathLike | Sequence) -> tuple[list[str], list
     if not any(numeric):
         return items, None
     if len(items) % 2 or not all(numeric[0::2]) or any(numeric[1::2]):
-        raise ValueError(f"a data.path blend must alternate weight and prefix, `[w1, prefix1, w2, prefix2, ...]`: {path!r}")
+        raise ValueError(f"a data.path blend alternates weight and prefix, [w1, prefix1, w2, prefix2, ...]: {path!r}")
     weights = [float(w) for w in items[0::2]]
     for weight, prefix in zip(weights, items[1::2]):
         if not (math.isfinite(weight) and weight > 0):
@@ -241,8 +243,8 @@ def _rank_zero_without_dist() -> Iterator[None]:
 
 
 def build_gpt_datasets(
-    path,
-    tokenizer,
+    path: str | Sequence,
+    tokenizer: MegatronTokenizer,
     seq_length: int,
     num_train_samples: int,
     num_valid_samples: int,
@@ -252,7 +254,8 @@ def build_gpt_datasets(
 ):
     """(train, valid) GPTDatasets (or BlendedDatasets for a weighted blend) for `data.path`.
 
-    `tokenizer` is a `MegatronTokenizer`. `valid` is None when `num_valid_samples == 0`. Call it on every
+    `split` is megatron's "train,valid,test" weighting of each prefix's documents, e.g. "95,5,0".
+    `valid` is None when `num_valid_samples == 0`. Call it on every
     rank: under torch.distributed, rank 0 builds the index cache, the others wait at a barrier and load
     it (so `cache_dir` must be on a filesystem all nodes share); without it the process builds alone.
     """

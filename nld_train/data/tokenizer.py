@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # importing transformers costs ~1 s; only the functions below need it
+if TYPE_CHECKING:  # importing transformers takes a second or more; only the functions below need it
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 # The packaged 8k byte-level BPE trained on Shakespeare (scripts/train_demo_tokenizer.py):

@@ -6,6 +6,7 @@ returns per-token cross-entropy [b, S] (S = L for AR, 2L for joint); everything 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 
 from .losses import NORMALIZATIONS, ar_sums, diffusion_sums
@@ -22,7 +23,7 @@ class Prepared:
     attention: str                   # "causal" or "joint"
     targets: torch.Tensor            # [b, S] target id per position (any valid id where unused)
     loss_mask: torch.Tensor          # [b, L] float, label-aligned AR mask
-    masked: torch.Tensor | None     # [b, L] bool noisy positions (joint only)
+    masked: torch.Tensor | None      # [b, L] bool noisy positions (joint only)
     p: torch.Tensor | None           # [b] masking probability per row (joint only)
     n_ar: torch.Tensor               # 0-dim float: Σ loss_mask
     n_diff: torch.Tensor             # 0-dim float: number of masked positions (0 for AR)

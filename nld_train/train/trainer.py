@@ -153,9 +153,10 @@ class Trainer:
             n_ar, n_diff = counts[0], counts[1]
         return self.objective.normalized_loss(s_ar, s_diff, n_ar, n_diff, n_microbatches=n_micro_total)
 
-    def train_step(self, step: int) -> dict:
+    def forward_backward(self, step: int):
+        """Gradients of global batch ``step`` in ``main_grad`` (reduced over DP); returns the
+        global loss sums [S_AR, S_diff] and counts [N_AR, N_masked]."""
         from megatron.core.distributed import finalize_model_grads
-        t = self.cfg.train
         preps, counts = self._prepare(self.train_ds, step)
         n_micro_total = len(preps) * self.layout.dp
         self.ddp.zero_grad_buffer()
@@ -166,6 +167,11 @@ class Trainer:
             sums += torch.stack([s_ar.detach(), s_diff.detach()]).float()
         finalize_model_grads([self.ddp], num_tokens=None)  # DP all-reduce (sum), SP norm grads
         dist.all_reduce(sums, group=self._dp_group())
+        return sums, counts
+
+    def train_step(self, step: int) -> dict:
+        t = self.cfg.train
+        sums, counts = self.forward_backward(step)
         grad_norm = grad_norm_and_clip(self.params, t.clip_grad)
         lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, schedule=t.lr_schedule, warmup=t.lr_warmup_steps,
                    total=self.schedule_steps, decay_fraction=t.lr_decay_fraction, decay_style=t.lr_decay_style)
@@ -271,7 +277,9 @@ def run(cfg: Config) -> None:
     trainer = Trainer(cfg)
     try:
         trainer.fit()
-        if cfg.train.sample_tokens > 0:
+        if cfg.train.sample_tokens > 0 and cfg.parallel.sequence_parallel:
+            trainer._log("AR sample skipped: it re-forwards odd lengths, which sequence parallelism cannot split")
+        elif cfg.train.sample_tokens > 0:
             text = sample_text(trainer, cfg.train.sample_prompt, cfg.train.sample_tokens)
             trainer._log(f"--- AR sample (greedy, {cfg.train.sample_tokens} tokens) ---\n{text}\n---")
     finally:

@@ -62,7 +62,7 @@ def load_config(overrides: list[str], world_size: int | None = None):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from nld_train.config import ConfigError, validate
+    from nld_train.config import Config, ConfigError, validate
 
     recipe = [o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")]
     if not recipe:
@@ -71,9 +71,8 @@ def load_config(overrides: list[str], world_size: int | None = None):
     try:
         with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
             node = compose("config", overrides=list(overrides))
-        OmegaConf.set_struct(node, False)
-        node.recipe = recipe[-1]
-        OmegaConf.set_struct(node, True)
+        # re-merge into a fresh schema: keys appended with `+` must exist in the dataclasses too
+        node = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(node), {"recipe": recipe[-1]})
         cfg = OmegaConf.to_object(node)
     except (HydraException, OmegaConfBaseException) as e:
         msg, cause = str(e), e.__cause__

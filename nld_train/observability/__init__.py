@@ -45,6 +45,9 @@ def progress_line(row: dict, max_steps: int, eta_s: Optional[float]) -> str:
         parts.append(f"loss_diff {row['loss_diff']:.4f}")
     parts += [f"lr {row['lr']:.3e}", f"grad_norm {row['grad_norm']:.3f}",
               f"tok/s {row['tokens_per_s']:.0f}"]
+    for key in ("val_loss_ar", "val_loss_diff"):
+        if row.get(key) is not None:
+            parts.append(f"{key} {row[key]:.4f}")
     if row.get("mfu") is not None:
         parts.append(f"mfu {100 * row['mfu']:.1f}%")
     if eta_s is not None:

@@ -78,20 +78,27 @@ class Trainer:
         self.step, self.schedule_steps = 0, t.lr_schedule_steps or t.max_steps
         latest = ckpt.find_latest(self.run_dir)
         shape = model_shape(cfg)
+        # megatron's sample order depends on how many samples the dataset is built for: keep the
+        # count of the first start unless the run now needs more (then the order is rebuilt)
+        self.train_samples = max(t.max_steps, self.schedule_steps) * t.global_batch_size
         if latest is not None:
             meta = ckpt.load(latest, self.model, self.optimizer, model_shape=shape)
             self.step = meta["step"]
             self.schedule_steps = t.lr_schedule_steps or meta["lr_schedule_steps"]
+            needed = max(t.max_steps, self.schedule_steps) * t.global_batch_size
+            if needed > meta["train_samples"]:
+                self._log(f"warning: the run now needs {needed} samples, more than the {meta['train_samples']} "
+                          "its data order was built for; megatron rebuilds the sample order")
+            self.train_samples = max(needed, meta["train_samples"])
             self._log(f"resumed from {latest} at step {self.step}")
         elif cfg.checkpoint.init_from:
             src = ckpt.resolve(cfg.checkpoint.init_from)
             ckpt.load(src, self.model, None, model_shape=shape)
             self._log(f"initialised weights from {src}")
 
-        n_train = max(t.max_steps, self.schedule_steps) * t.global_batch_size
         n_valid = t.eval_iters * t.global_batch_size if t.eval_interval > 0 else 0
         self.train_ds, self.valid_ds = build_gpt_datasets(
-            cfg.data.path, MegatronTokenizer(self.tokenizer), t.seq_length, n_train, n_valid, t.seed,
+            cfg.data.path, MegatronTokenizer(self.tokenizer), t.seq_length, self.train_samples, n_valid, t.seed,
             cfg.data.split, cfg.data.cache_dir or str(self.run_dir / "data_cache"))
 
         self.metrics = MetricsLog(self.run_dir, self.step) if self.rank0 else None
@@ -206,7 +213,8 @@ class Trainer:
         return {f"val_{k}": v for k, v in rep.items() if v is not None}
 
     def save(self) -> None:
-        meta = {"lr_schedule_steps": self.schedule_steps, "consumed_samples": self.step * self.cfg.train.global_batch_size,
+        meta = {"lr_schedule_steps": self.schedule_steps, "train_samples": self.train_samples,
+                "consumed_samples": self.step * self.cfg.train.global_batch_size,
                 "model_shape": model_shape(self.cfg), "objective": self.cfg.objective.name,
                 "padded_vocab_size": padded_vocab_size(self.cfg.model, self.layout.tp),
                 "tensor_model_parallel_size": self.layout.tp, "recipe": self.cfg.recipe}

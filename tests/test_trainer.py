@@ -106,3 +106,21 @@ def test_lr_schedule_length_is_stored(dist1, tmp_path):
     tr.save()
     longer = make_trainer(tmp_path, "train.max_steps=20", "train.lr_schedule=cosine", name="s")
     assert longer.step == 10 and longer.schedule_steps == 10  # extending max_steps keeps the past schedule
+
+
+def test_tokenizer_mask_token_must_match_model(dist1, tmp_path):
+    with pytest.raises(ValueError, match="mask"):
+        make_trainer(tmp_path, "model.mask_token_id=5")
+
+
+def test_wandb_offline_run_id_survives_resume(dist1, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    tr = make_trainer(tmp_path, "wandb.mode=offline", name="w")
+    run_id = (tmp_path / "w" / "wandb_id").read_text()
+    assert tr.wandb.run is not None and tr.wandb.run.id == run_id
+    tr.step = 1
+    tr.save()
+    tr.close()
+    again = make_trainer(tmp_path, "wandb.mode=offline", name="w")
+    assert again.wandb.run.id == run_id and (tmp_path / "w" / "wandb").is_dir()
+    again.close()

@@ -113,7 +113,7 @@ def provenance(layout, caps) -> dict:
 class Wandb:
     """wandb, offline by default; the run id lives in the run dir so a resume continues the run."""
 
-    def __init__(self, cfg, run_dir, config_dict: dict):
+    def __init__(self, cfg, run_dir, config_dict: dict, recipe: str = ""):
         self.run = None
         if cfg.mode == "disabled":
             return
@@ -122,7 +122,8 @@ class Wandb:
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         os.environ.setdefault("WANDB_SILENT", "true")
-        self.run = wandb.init(project=cfg.project, name=cfg.name or Path(run_dir).name, id=run_id,
+        name = cfg.name or "-".join(x for x in (recipe, Path(run_dir).name) if x)
+        self.run = wandb.init(project=cfg.project, name=name, id=run_id,
                               resume="allow", mode=cfg.mode, dir=str(run_dir), config=config_dict)
 
     def log(self, row: dict) -> None:

@@ -108,7 +108,7 @@ class Trainer:
             import json
             (self.run_dir / "provenance.json").write_text(
                 json.dumps(provenance(self.layout, self.caps), indent=1))
-        self.wandb = Wandb(cfg.wandb, self.run_dir, asdict(cfg)) if self.rank0 else None
+        self.wandb = Wandb(cfg.wandb, self.run_dir, asdict(cfg), cfg.recipe) if self.rank0 else None
         self.flops_per_token = train_flops_per_token(cfg.model, t.seq_length, o.name == "joint")
         self.peak_flops = gpu_peak_flops()
 

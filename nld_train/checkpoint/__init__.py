@@ -123,26 +123,54 @@ def _broadcast(obj):
 
 
 # -- save / load ----------------------------------------------------------------------------------
-def save(run_dir, step: int, model, optimizer, meta: dict, keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the committed step folder."""
+def _tmp_dir(run_dir, step: int) -> Path:
+    return checkpoints_dir(run_dir) / f"tmp.{step_dir_name(step)}"
+
+
+def save(run_dir, step: int, model, optimizer, meta: dict, keep_last: int, keep_every: int = 0,
+         async_queue=None) -> Path:
+    """Collective: every rank calls it. Writes ``tmp.step_N`` and commits it to ``step_N``.
+
+    With ``async_queue`` (megatron ``AsyncCallsQueue``) the tensors are written in the background
+    and the commit runs, on all ranks, when the queue finalizes the request at a later step
+    boundary; until then ``latest`` still names the previous checkpoint.
+    """
     from megatron.core import dist_checkpointing
     rank = dist.get_rank()
-    root = checkpoints_dir(run_dir)
-    final = root / step_dir_name(step)
-    tmp = root / f"tmp.{step_dir_name(step)}"
+    root, tmp = checkpoints_dir(run_dir), _tmp_dir(run_dir, step)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():  # a save of this step that died half-way: garbage by construction
             shutil.rmtree(tmp)
         tmp.mkdir()
     dist.barrier()
-    sharded = {"model": model.sharded_state_dict(),
-               "optimizer": _optimizer_sharded_state(model, optimizer)}
-    dist_checkpointing.save(sharded, str(tmp))
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    sharded = {"model": model.sharded_state_dict(), "optimizer": _optimizer_sharded_state(model, optimizer)}
+    final = root / step_dir_name(step)
+
+    def commit():
+        _commit(run_dir, step, meta, keep_last, keep_every)
+
+    def write_rng():  # after megatron's save started: it warns about non-empty folders
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+
+    if async_queue is None:
+        dist_checkpointing.save(sharded, str(tmp))
+        write_rng()
+        commit()
+    else:
+        request = dist_checkpointing.save(sharded, str(tmp), async_sharded_save=True)
+        write_rng()
+        request.add_finalize_fn(commit)
+        async_queue.schedule_async_request(request)
+    return final
+
+
+def _commit(run_dir, step: int, meta: dict, keep_last: int, keep_every: int) -> None:
+    """Collective. Verify the temporary folder, mark it complete, publish it, prune old ones."""
     dist.barrier()
-    if rank == 0:
+    root, tmp, final = checkpoints_dir(run_dir), _tmp_dir(run_dir, step), checkpoints_dir(run_dir) / step_dir_name(step)
+    if dist.get_rank() == 0:
         world = dist.get_world_size()
         missing = [r for r in range(world) if not (tmp / "rng" / f"rank_{r:05d}.pt").is_file()]
         if not (tmp / "metadata.json").is_file() or missing:
@@ -155,9 +183,9 @@ def save(run_dir, step: int, model, optimizer, meta: dict, keep_last: int) -> Pa
         latest_tmp.write_text(step_dir_name(step) + "\n")
         os.replace(latest_tmp, root / "latest")
         for old in complete_steps(run_dir)[:-keep_last]:
-            shutil.rmtree(root / step_dir_name(old), ignore_errors=True)
+            if not (keep_every and old % keep_every == 0):
+                shutil.rmtree(root / step_dir_name(old), ignore_errors=True)
     dist.barrier()
-    return final
 
 
 def check_compatible(meta: dict, model_shape: dict, path) -> None:

@@ -117,6 +117,9 @@ class TrainConfig:
     # "bf16" (autocast, fp32 master weights and grads) or "fp32"; "auto": bf16 on CUDA, fp32 on CPU
     precision: str = "auto"
     log_interval: int = 1
+    # a step whose loss or gradient norm is not finite is skipped (counted as skipped_steps);
+    # this many in a row abort the run (its checkpoints stay as they are)
+    max_consecutive_skipped_steps: int = 10
     eval_interval: int = 0
     eval_iters: int = 4
     # print a greedy AR sample of this many tokens at the end (0 = off)
@@ -129,6 +132,10 @@ class CheckpointConfig:
     interval: int = 0  # 0 = only at the end
     save_final: bool = True
     keep_last: int = 3
+    # also keep every checkpoint whose step is a multiple of this (0 = none beyond keep_last)
+    keep_every: int = 0
+    # write in the background (megatron AsyncCallsQueue) and commit at a later step boundary
+    async_save: bool = False
     # weights-only initialisation (new optimizer, step 0): a run dir, a step dir or a checkpoints/
     init_from: Optional[str] = None
 
@@ -137,6 +144,9 @@ class CheckpointConfig:
 class RunConfig:
     dir: str = "runs/default"
     name: Optional[str] = None
+    # resuming with a different value of a key that changes the math (model, objective, data,
+    # seed, global batch, optimizer, schedule) is refused unless this is true
+    allow_config_change: bool = False
 
 
 @dataclass
@@ -260,6 +270,40 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _fail("train.lr_warmup_steps", "must be >= 0")
     if not 0 <= t.lr_decay_fraction <= 1:
         _fail("train.lr_decay_fraction", "must be in [0, 1]")
-    if c.interval < 0 or c.keep_last < 1:
-        _fail("checkpoint.interval", "checkpoint.interval must be >= 0 and checkpoint.keep_last >= 1")
+    if c.interval < 0 or c.keep_last < 1 or c.keep_every < 0:
+        _fail("checkpoint.interval", "checkpoint.interval and checkpoint.keep_every must be >= 0, "
+              "checkpoint.keep_last >= 1")
+    if t.max_consecutive_skipped_steps < 1:
+        _fail("train.max_consecutive_skipped_steps", "must be >= 1")
     _choice("wandb.mode", cfg.wandb.mode, {"offline", "online", "disabled"})
+
+
+# Keys that may differ between a checkpoint and the run resuming it: they change how the run is
+# laid out, logged or saved, not what it computes. Prefixes end with ".".
+FREE_ON_RESUME = ("train.max_steps", "train.micro_batch_size", "train.log_interval", "train.eval_interval",
+                  "train.eval_iters", "train.sample_tokens", "train.sample_prompt",
+                  "train.max_consecutive_skipped_steps", "model.attention_backend", "data.cache_dir",
+                  "parallel.", "checkpoint.", "run.", "wandb.", "recipe", "pipeline")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def math_changes(saved: dict, current: dict) -> list[str]:
+    """Keys whose value differs between a checkpoint's config and the current one and that change
+    the math of training (``[]`` when resuming is safe). Keys the checkpoint does not know (added
+    in a later version) are not compared."""
+    a, b = _flatten(saved), _flatten(current)
+    free = [k for k in FREE_ON_RESUME
+            # the micro-batch size is free only because normalisation is global
+            if not (k == "train.micro_batch_size" and b.get("objective.loss_normalization") == "per_microbatch")]
+    def is_free(key):
+        return any(key == f or (f.endswith(".") and key.startswith(f)) for f in free)
+    return [k for k in sorted(b) if k in a and a[k] != b[k] and not is_free(k)]

@@ -22,10 +22,11 @@ import torch
 import torch.distributed as dist
 
 from nld_train import checkpoint as ckpt
-from nld_train.config import Config, padded_vocab_size, validate
+from nld_train.config import Config, ConfigError, math_changes, padded_vocab_size, validate
 from nld_train.dist import capabilities, init_distributed
 from nld_train.observability import MetricsLog, Wandb, gpu_peak_flops, progress_line, provenance, train_flops_per_token
 from nld_train.train.optim import build_optimizer, grad_norm_and_clip
+from nld_train.train.preemption import EXIT_PREEMPTED, Preempted, Preemption
 from nld_train.train.schedule import lr_at
 
 
@@ -81,9 +82,11 @@ class Trainer:
         # megatron's sample order depends on how many samples the dataset is built for: keep the
         # count of the first start unless the run now needs more (then the order is rebuilt)
         self.train_samples = max(t.max_steps, self.schedule_steps) * t.global_batch_size
+        self.skipped_steps = self.consecutive_skips = 0
         if latest is not None:
+            self._check_config_change(ckpt.read_meta(latest), latest)
             meta = ckpt.load(latest, self.model, self.optimizer, model_shape=shape)
-            self.step = meta["step"]
+            self.step, self.skipped_steps = meta["step"], meta.get("skipped_steps", 0)
             self.schedule_steps = t.lr_schedule_steps or meta["lr_schedule_steps"]
             needed = max(t.max_steps, self.schedule_steps) * t.global_batch_size
             if needed > meta["train_samples"]:
@@ -109,8 +112,27 @@ class Trainer:
             (self.run_dir / "provenance.json").write_text(
                 json.dumps(provenance(self.layout, self.caps), indent=1))
         self.wandb = Wandb(cfg.wandb, self.run_dir, asdict(cfg), cfg.recipe) if self.rank0 else None
+        self.async_queue = None
+        if cfg.checkpoint.async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+            self.async_queue = AsyncCallsQueue(persistent=False)  # persistent workers need CUDA
+        self.preemption = Preemption()
         self.flops_per_token = train_flops_per_token(cfg.model, t.seq_length, o.name == "joint")
         self.peak_flops = gpu_peak_flops()
+
+    def _check_config_change(self, meta: dict, path) -> None:
+        """Resuming with other math (model, objective, data, seed, batch, optimizer, schedule) is
+        refused, naming the keys, unless run.allow_config_change=true."""
+        changed = math_changes(meta.get("config", {}), asdict(self.cfg))
+        if not changed:
+            return
+        from nld_train.config import _flatten
+        old, new = _flatten(meta["config"]), _flatten(asdict(self.cfg))
+        what = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
+        if not self.cfg.run.allow_config_change:
+            raise ConfigError(f"run dir {self.run_dir} holds checkpoint {path} trained with another config "
+                              f"({what}); use another run.dir, or run.allow_config_change=true to resume anyway")
+        self._log(f"warning: resuming {path} with changed config ({what})")
 
     # -------------------------------------------------------------------------------------------
     def _log(self, msg: str) -> None:
@@ -184,17 +206,25 @@ class Trainer:
                    total=self.schedule_steps, decay_fraction=t.lr_decay_fraction, decay_style=t.lr_decay_style)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        if math.isfinite(grad_norm):
+        rep = self.objective.reported_losses(sums[0], sums[1], counts[0], counts[1])
+        # every rank sees the same all-reduced loss and norm, so all skip (or not) together
+        if math.isfinite(grad_norm) and math.isfinite(rep["loss"]):
             for p in self.params:
                 p.grad = p.main_grad
             self.optimizer.step()
             for p in self.params:
                 p.grad = None  # never leave .grad aliased to main_grad: the next backward would count twice
+            self.consecutive_skips = 0
         else:
-            self._log(f"step {step + 1}: non-finite grad norm, update skipped")
-        rep = self.objective.reported_losses(sums[0], sums[1], counts[0], counts[1])
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            self._log(f"step {step + 1}: non-finite loss {rep['loss']} or grad norm {grad_norm}: update skipped "
+                      f"({self.consecutive_skips} in a row)")
+            if self.consecutive_skips >= t.max_consecutive_skipped_steps:
+                raise RuntimeError(f"{self.consecutive_skips} consecutive steps with a non-finite loss or "
+                                   f"gradient (train.max_consecutive_skipped_steps); checkpoints are left as they are")
         return {"loss": rep["loss"], "loss_ar": rep["loss_ar"], "loss_diff": rep.get("loss_diff"),
-                "lr": lr, "grad_norm": grad_norm}
+                "lr": lr, "grad_norm": grad_norm, "skipped_steps": self.skipped_steps}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -212,15 +242,21 @@ class Trainer:
         rep = self.objective.reported_losses(sums[0], sums[1], counts_all[0], counts_all[1])
         return {f"val_{k}": v for k, v in rep.items() if v is not None}
 
-    def save(self) -> None:
+    def save(self, sync: bool = False) -> None:
+        c = self.cfg.checkpoint
         meta = {"lr_schedule_steps": self.schedule_steps, "train_samples": self.train_samples,
+                "skipped_steps": self.skipped_steps, "config": asdict(self.cfg),
                 "consumed_samples": self.step * self.cfg.train.global_batch_size,
                 "model_shape": model_shape(self.cfg), "objective": self.cfg.objective.name,
                 "padded_vocab_size": padded_vocab_size(self.cfg.model, self.layout.tp),
                 "tensor_model_parallel_size": self.layout.tp, "recipe": self.cfg.recipe}
         t0 = time.time()
-        path = ckpt.save(self.run_dir, self.step, self.model, self.optimizer, meta, self.cfg.checkpoint.keep_last)
-        self._log(f"saved checkpoint {path} ({time.time() - t0:.1f}s)")
+        queue = self.async_queue if (c.async_save and not sync) else None
+        if self.async_queue is not None:  # one save in flight at a time
+            self.async_queue.maybe_finalize_async_calls(blocking=True)
+        path = ckpt.save(self.run_dir, self.step, self.model, self.optimizer, meta, c.keep_last, c.keep_every,
+                         async_queue=queue)
+        self._log(f"{'scheduled async' if queue else 'saved'} checkpoint {path} ({time.time() - t0:.1f}s blocking)")
 
     def fit(self) -> None:
         t, c = self.cfg.train, self.cfg.checkpoint
@@ -250,13 +286,31 @@ class Trainer:
                     done = self.step - start_step
                     eta = (time.time() - t_start) / done * (t.max_steps - self.step)
                     print(progress_line(row, t.max_steps, eta), flush=True)
+            if self.async_queue is not None:
+                self.async_queue.maybe_finalize_async_calls(blocking=False)
             if c.interval and self.step % c.interval == 0:
                 self.save()
                 saved_at = self.step
+            if self.preemption.requested(self.device):
+                if saved_at != self.step:
+                    self.save(sync=True)
+                self.finish_saves()
+                self._log(f"preempted ({self.preemption.received or 'signal on another rank'}): "
+                          f"checkpoint at step {self.step} committed, exiting with code {EXIT_PREEMPTED}")
+                raise Preempted(self.step, self.preemption.received)
         if c.save_final and self.step > start_step and saved_at != self.step:
-            self.save()
+            self.save(sync=True)
+        self.finish_saves()
+
+    def finish_saves(self) -> None:
+        """Block until a background save is committed (collective)."""
+        if self.async_queue is not None:
+            self.async_queue.maybe_finalize_async_calls(blocking=True)
 
     def close(self) -> None:
+        self.preemption.restore()
+        if self.async_queue is not None:
+            self.async_queue.close()
         if self.rank0:
             self.metrics.close()
             self.wandb.finish()
@@ -282,7 +336,11 @@ def sample_text(trainer: Trainer, prompt: str, n_tokens: int) -> str:
 
 
 def run(cfg: Config) -> None:
-    trainer = Trainer(cfg)
+    train(Trainer(cfg))
+
+
+def train(trainer: Trainer) -> None:
+    cfg = trainer.cfg
     try:
         trainer.fit()
         if cfg.train.sample_tokens > 0 and cfg.parallel.sequence_parallel:

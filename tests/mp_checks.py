@@ -1,42 +1,106 @@
-"""Run under `torchrun --nproc_per_node=2` by tests/test_multiprocess.py (one launch, several checks).
+"""Run under `torchrun --nproc_per_node=N` by tests/test_multiprocess.py (one launch, many checks).
 
-Writes rank-0 results to OUT_DIR; the pytest side compares them with 1-process runs:
-- DP=2 gradients of global batch 0 (micro-batch 2 and 1) -> dp2_mbs{2,1}.pt
-- noise of the same samples on both TP ranks of one replica -> checked here (raises if different)
-- TP=2 + sequence parallel losses over 3 steps -> tp2_losses.pt
+Writes rank-0 results to OUT_DIR; the pytest side compares them with 1-process runs.
+  python mp_checks.py OUT_DIR TP1_CHECKPOINT_RUN_DIR        (2 processes)
+  python mp_checks.py OUT_DIR --four                        (4 processes: TP=2 x DP=2)
 """
 import os
+import shutil
 import sys
 
 import torch
 import torch.distributed as dist
 
+BASE = ["recipe=smoke", "train.global_batch_size=4", "wandb.mode=disabled"]
+STAGES = {"ar": ["objective=ar"], "joint": ["objective=joint"]}
+LAYOUTS = {  # name -> overrides (2 processes)
+    "dp2_mbs2": ["train.micro_batch_size=2"],
+    "dp2_mbs1": ["train.micro_batch_size=1"],
+    "tp2": ["train.micro_batch_size=2", "parallel.tensor_model_parallel_size=2"],
+    "tp2sp": ["train.micro_batch_size=2", "parallel=tp2"],
+}
 
-def main(out_dir):
+
+def gather_full(model):
+    """Gradients by parameter name in the TP=1 layout (a linear_fc1 shard is [gate_r; up_r])."""
+    from megatron.core import parallel_state as ps
+    tp, out = ps.get_tensor_model_parallel_world_size(), {}
+    for n, p in model.named_parameters():
+        t = p.main_grad
+        if tp > 1 and getattr(p, "tensor_model_parallel", False):
+            parts = [torch.empty_like(t) for _ in range(tp)]
+            dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
+            if "linear_fc1" in n:
+                halves = [x.chunk(2, 0) for x in parts]
+                t = torch.cat([h[0] for h in halves] + [h[1] for h in halves], 0)
+            else:
+                t = torch.cat(parts, p.partition_dim)
+        out[n] = t.clone()
+    return out
+
+
+def trainer(overrides):
     from nld_train.cli import load_config
     from nld_train.train.trainer import Trainer
-    base = ["recipe=smoke", "train.global_batch_size=4", "wandb.mode=disabled"]
-    rank = int(os.environ["RANK"])
-    for mbs in (2, 1):
-        tr = Trainer(load_config([*base, f"train.micro_batch_size={mbs}", f"run.dir={out_dir}/dp_{mbs}"]))
-        assert tr.layout.dp == 2
-        sums, counts = tr.forward_backward(0)
-        if rank == 0:
-            g = {n: p.main_grad.clone() for n, p in tr.ddp.module.named_parameters()}
-            torch.save({"grads": g, "sums": sums, "counts": counts}, f"{out_dir}/dp2_mbs{mbs}.pt")
-    tr = Trainer(load_config([*base, "train.micro_batch_size=4", "parallel=tp2", f"run.dir={out_dir}/tp2"]))
-    assert tr.layout.tp == 2 and tr.layout.dp == 1
+    return Trainer(load_config([*BASE, *overrides]))
+
+
+def equivalence(out_dir, name, overrides):
+    """Gradients of global batch 0 and losses over 3 steps; noise checks across ranks."""
+    tr = trainer([*overrides, f"run.dir={out_dir}/{name}"])
     preps, _ = tr._prepare(tr.train_ds, 0)
-    mine = torch.stack([p.masked for p in preps]).float()
-    other = mine.clone()
-    dist.broadcast(other, src=0)
-    assert torch.equal(mine, other), "noise differs across tensor-parallel ranks"
+    mine = torch.stack([p.masked if p.masked is not None else p.loss_mask.bool() for p in preps]).float()
+    from megatron.core import parallel_state as ps
+    if tr.layout.tp > 1:  # TP peers of one replica draw identical noise
+        other = mine.clone()
+        dist.broadcast(other, src=dist.get_process_group_ranks(ps.get_tensor_model_parallel_group())[0],
+                       group=ps.get_tensor_model_parallel_group())
+        assert torch.equal(mine, other), f"{name}: noise differs across tensor-parallel ranks"
+    if tr.layout.dp > 1 and tr.objective.has_diffusion:  # DP ranks see other samples, other noise
+        both = [torch.empty_like(mine) for _ in range(tr.layout.dp)]
+        dist.all_gather(both, mine, group=ps.get_data_parallel_group())
+        assert not torch.equal(both[0], both[1]), f"{name}: noise identical across data-parallel ranks"
+    sums, counts = tr.forward_backward(0)
+    grads = gather_full(tr.ddp.module)
     losses = [tr.train_step(s) for s in range(3)]
-    if rank == 0:
-        torch.save(losses, f"{out_dir}/tp2_losses.pt")
+    if dist.get_rank() == 0:
+        torch.save({"grads": grads, "sums": sums, "counts": counts, "losses": losses}, f"{out_dir}/{name}.pt")
+    tr.close()
+
+
+def run_to(run_dir, max_steps, overrides):
+    tr = trainer([*overrides, f"run.dir={run_dir}", f"train.max_steps={max_steps}", "train.lr_schedule_steps=8"])
+    tr.fit()
+    tr.close()
+
+
+def copy_tree(src, dst):
+    if dist.get_rank() == 0:
+        shutil.copytree(src, dst)
+    dist.barrier()
+
+
+def main(out_dir, arg):
+    if arg == "--four":
+        for stage, ov in STAGES.items():
+            equivalence(out_dir, f"{stage}_tp2dp2", [*ov, "train.micro_batch_size=1", "parallel=tp2"])
+    else:
+        for stage, ov in STAGES.items():
+            for name, layout in LAYOUTS.items():
+                equivalence(out_dir, f"{stage}_{name}", [*ov, *layout])
+        # resharding: a TP=1 checkpoint (step 2) continues at DP=2 and at TP=2 + SP
+        copy_tree(arg, f"{out_dir}/from_tp1_dp2")
+        run_to(f"{out_dir}/from_tp1_dp2", 4, ["train.micro_batch_size=1"])
+        copy_tree(arg, f"{out_dir}/from_tp1_tp2")
+        run_to(f"{out_dir}/from_tp1_tp2", 4, ["train.micro_batch_size=2", "parallel=tp2"])
+        # a TP=2 checkpoint at step 2 (kept for the 1-process side) and its TP=2 continuation
+        run_to(f"{out_dir}/tp2_ckpt", 2, ["train.micro_batch_size=2", "parallel=tp2"])
+        copy_tree(f"{out_dir}/tp2_ckpt", f"{out_dir}/tp2_cont")
+        run_to(f"{out_dir}/tp2_cont", 4, ["train.micro_batch_size=2", "parallel=tp2"])
     dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    main(sys.argv[1], sys.argv[2])

@@ -1,4 +1,12 @@
-"""Real 2-process runs (torchrun, gloo): data parallelism and tensor parallelism change no math."""
+"""Real multi-process runs (torchrun, gloo): the parallel layout never changes the math.
+
+One 2-process launch covers DP=2 (micro-batches of 2 and 1), TP=2 and TP=2 + sequence parallel
+for stage 1 (AR) and stage 2 (joint) — gradients after one step and losses over three — and
+resharding (TP=1 checkpoint -> DP=2 / TP=2, TP=2 checkpoint -> TP=1). A 4-process launch covers
+TP=2 x DP=2. Everything is compared with 1-process runs in this process.
+"""
+import json
+import shutil
 import subprocess
 import sys
 
@@ -7,32 +15,83 @@ import torch
 
 from tests.conftest import REPO
 from tests.test_trainer import grads, make_trainer, max_rel_diff
+from tests.mp_checks import LAYOUTS, STAGES
+
+
+def launch(nproc, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+           str(REPO / "tests" / "mp_checks.py"), *map(str, args)]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+
+
+def run_to(tmp_path, run_dir, max_steps, *overrides):
+    tr = make_trainer(tmp_path, *overrides, f"train.max_steps={max_steps}", "train.lr_schedule_steps=8",
+                      name=run_dir)
+    tr.fit()
+    tr.close()
+    return tmp_path / run_dir
+
+
+def metrics(run_dir):
+    return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
 @pytest.fixture(scope="module")
-def mp_out(tmp_path_factory):
+def mp_out(tmp_path_factory, dist1):
     out = tmp_path_factory.mktemp("mp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           str(REPO / "tests" / "mp_checks.py"), str(out)]
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    tp1 = run_to(out, "tp1_ckpt", 2, "train.micro_batch_size=4")  # the checkpoint the launch reshards
+    launch(2, out, tp1)
     return out
 
 
-@pytest.mark.parametrize("mbs", [2, 1])
-def test_dp2_gradients_equal_single_process(dist1, tmp_path, mp_out, mbs):
-    """DP=1 with one micro-batch of 4 == DP=2 with micro-batches of 2 or 1 (same global batch)."""
-    ref_g, ref_s, ref_c = grads(make_trainer(tmp_path, "train.micro_batch_size=4"))
-    got = torch.load(mp_out / f"dp2_mbs{mbs}.pt")
-    assert torch.equal(got["counts"], ref_c)
-    assert torch.allclose(got["sums"], ref_s, rtol=1e-5)
-    assert max_rel_diff(got["grads"], ref_g) < 1e-4
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, dist1):
+    """1 process, one micro-batch of 4: gradients of batch 0 and 3 steps of losses per stage."""
+    out = {}
+    for stage, ov in STAGES.items():
+        tmp = tmp_path_factory.mktemp(f"ref_{stage}")
+        g, s, c = grads(make_trainer(tmp, *ov, "train.micro_batch_size=4", name="g"))
+        tr = make_trainer(tmp, *ov, "train.micro_batch_size=4", name="l")
+        out[stage] = {"grads": g, "sums": s, "counts": c, "losses": [tr.train_step(i) for i in range(3)]}
+    return out
 
 
-def test_tp2_sequence_parallel_losses_equal_single_process(dist1, tmp_path, mp_out):
-    tr = make_trainer(tmp_path, "train.micro_batch_size=4")
-    ref = [tr.train_step(s) for s in range(3)]
-    got = torch.load(mp_out / "tp2_losses.pt")
-    for a, b in zip(got, ref):
-        assert abs(a["loss"] - b["loss"]) < 1e-5
-        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * b["grad_norm"]
+def assert_same(got, ref, what):
+    assert torch.equal(got["counts"], ref["counts"]), what
+    assert torch.allclose(got["sums"], ref["sums"], rtol=1e-5), what
+    assert max_rel_diff(got["grads"], ref["grads"]) < 1e-4, what
+    for a, b in zip(got["losses"], ref["losses"]):
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (what, a["loss"], b["loss"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * b["grad_norm"], what
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_two_process_layouts_equal_one_process(mp_out, reference, stage, layout):
+    assert_same(torch.load(mp_out / f"{stage}_{layout}.pt"), reference[stage], f"{stage} {layout}")
+
+
+def test_tp2_checkpoint_resumes_at_tp1(mp_out, tmp_path):
+    shutil.copytree(mp_out / "tp2_ckpt", tmp_path / "r")
+    resumed = metrics(run_to(tmp_path, "r", 4, "train.micro_batch_size=4"))
+    cont = metrics(mp_out / "tp2_cont")
+    for step in (3, 4):
+        assert abs(resumed[step]["loss"] - cont[step]["loss"]) < 1e-5, step
+
+
+@pytest.mark.parametrize("target", ["from_tp1_dp2", "from_tp1_tp2"])
+def test_tp1_checkpoint_resumes_at_dp2_and_tp2(mp_out, tmp_path, target):
+    shutil.copytree(mp_out / "tp1_ckpt", tmp_path / "r")
+    uninterrupted = metrics(run_to(tmp_path, "r", 4, "train.micro_batch_size=4"))
+    got = metrics(mp_out / target)
+    assert sorted(got) == [1, 2, 3, 4]  # steps 1-2 kept from the checkpointed run, each step once
+    for step in (3, 4):
+        assert abs(got[step]["loss"] - uninterrupted[step]["loss"]) < 1e-5, (target, step)
+
+
+def test_four_processes_tp2_dp2(tmp_path_factory, reference):
+    out = tmp_path_factory.mktemp("mp4")
+    launch(4, out, "--four")
+    for stage in STAGES:
+        assert_same(torch.load(out / f"{stage}_tp2dp2.pt"), reference[stage], f"{stage} tp2xdp2")

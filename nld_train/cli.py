@@ -113,14 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UsageError, FileNotFoundError) as e:
         print(f"nld-train: configuration error: {e}", file=sys.stderr)
         return 2
-    from nld_train.checkpoint import CheckpointError
+    from nld_train.errors import InputError
     from nld_train.train.trainer import Trainer, train
     for i, (run_dir, _, stage_cfg) in enumerate(stages):
         if len(stages) > 1:
             print(f"=== stage {i + 1}/{len(stages)}: {stage_cfg.recipe} -> {run_dir}", flush=True)
         try:  # bad input (config vs checkpoint, data files, tokenizer): one clear line, exit 2
             trainer = Trainer(stage_cfg)
-        except (ValueError, FileNotFoundError, CheckpointError) as e:
+        except (InputError, FileNotFoundError) as e:
             print(f"nld-train: error: {e}", file=sys.stderr)
             from nld_train.dist import shutdown
             shutdown()

@@ -29,8 +29,7 @@ MARKER = "nld_checkpoint.json"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
-    pass
+from nld_train.errors import CheckpointError  # noqa: E402  (re-exported)
 
 
 def checkpoints_dir(run_dir) -> Path:

@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 
-class ConfigError(ValueError):
-    """A configuration value is impossible; the message names the key."""
+from nld_train.errors import ConfigError  # noqa: E402  (re-exported: nld_train.config.ConfigError)
 
 
 @dataclass
@@ -107,7 +106,7 @@ class TrainConfig:
     lr_schedule_steps: Optional[int] = None
     # WSD: fraction of the schedule spent decaying at the end
     lr_decay_fraction: float = 0.2
-    # WSD decay shape: "linear", "cosine", "minus_sqrt"
+    # WSD decay shape: "linear", "cosine", "minus_sqrt", "exponential"
     lr_decay_style: str = "linear"
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
@@ -143,7 +142,6 @@ class CheckpointConfig:
 @dataclass
 class RunConfig:
     dir: str = "runs/default"
-    name: Optional[str] = None
     # resuming with a different value of a key that changes the math (model, objective, data,
     # seed, global batch, optimizer, schedule) is refused unless this is true
     allow_config_change: bool = False
@@ -226,11 +224,17 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if m.rope_scaling.type == "yarn" and (m.rope_scaling.factor <= 1
                                           or m.rope_scaling.original_max_position_embeddings <= 0):
         _fail("model.rope_scaling", "yarn needs factor > 1 and original_max_position_embeddings > 0")
+    if m.rope_scaling.mscale != m.rope_scaling.mscale_all_dim:
+        _fail("model.rope_scaling.mscale", "mscale != mscale_all_dim (an attention factor != 1) is not supported")
+    if m.query_scaling_beta and m.rope_scaling.original_max_position_embeddings <= 0:
+        _fail("model.query_scaling_beta", "needs model.rope_scaling.original_max_position_embeddings > 0")
     _choice("model.attention_backend", m.attention_backend, {"auto", "sdpa", "flex"})
     _choice("objective.name", o.name, {"ar", "joint"})
     _choice("objective.loss_normalization", o.loss_normalization, {"combined", "separate", "per_microbatch"})
-    if o.alpha < 0 or o.ar_weight < 0:
-        _fail("objective.alpha", "loss weights objective.alpha and objective.ar_weight must be >= 0")
+    if o.alpha < 0:
+        _fail("objective.alpha", f"must be >= 0, got {o.alpha}")
+    if o.ar_weight < 0:
+        _fail("objective.ar_weight", f"must be >= 0, got {o.ar_weight}")
     if not 0 < o.noise_eps < 1:
         _fail("objective.noise_eps", f"must be in (0, 1), got {o.noise_eps}")
     if o.name == "joint" and t.seq_length % o.block_size:
@@ -260,7 +264,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _fail("train.seq_length", f"{t.seq_length} exceeds model.max_position_embeddings="
               f"{m.max_position_embeddings}")
     _choice("train.lr_schedule", t.lr_schedule, {"wsd", "cosine", "constant"})
-    _choice("train.lr_decay_style", t.lr_decay_style, {"linear", "cosine", "minus_sqrt"})
+    _choice("train.lr_decay_style", t.lr_decay_style, {"linear", "cosine", "minus_sqrt", "exponential"})
     _choice("train.precision", t.precision, {"auto", "bf16", "fp32"})
     if t.lr < 0 or t.min_lr < 0 or t.min_lr > t.lr:
         _fail("train.min_lr", f"need 0 <= train.min_lr <= train.lr, got {t.min_lr} and {t.lr}")
@@ -270,9 +274,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _fail("train.lr_warmup_steps", "must be >= 0")
     if not 0 <= t.lr_decay_fraction <= 1:
         _fail("train.lr_decay_fraction", "must be in [0, 1]")
-    if c.interval < 0 or c.keep_last < 1 or c.keep_every < 0:
-        _fail("checkpoint.interval", "checkpoint.interval and checkpoint.keep_every must be >= 0, "
-              "checkpoint.keep_last >= 1")
+    if c.interval < 0:
+        _fail("checkpoint.interval", f"must be >= 0, got {c.interval}")
+    if c.keep_last < 1:
+        _fail("checkpoint.keep_last", f"must be >= 1, got {c.keep_last}")
+    if c.keep_every < 0:
+        _fail("checkpoint.keep_every", f"must be >= 0, got {c.keep_every}")
     if t.max_consecutive_skipped_steps < 1:
         _fail("train.max_consecutive_skipped_steps", "must be >= 1")
     _choice("wandb.mode", cfg.wandb.mode, {"offline", "online", "disabled"})

@@ -13,6 +13,7 @@ import re
 import time
 from pathlib import Path
 
+from nld_train.errors import DataError
 from nld_train.data.indexed import file_lock, validate_indexed_prefix, write_indexed_dataset
 from nld_train.data.tokenizer import DEMO_TOKENIZER
 
@@ -57,7 +58,7 @@ def _checked(prefix: str) -> str:
     try:
         validate_indexed_prefix(prefix)
     except ValueError as err:  # a cache is ours to rebuild, but only the user deletes files
-        raise ValueError(f"{err}; delete {prefix}.bin and {prefix}.idx to rebuild the demo corpus") from None
+        raise DataError(f"{err}; delete {prefix}.bin and {prefix}.idx to rebuild the demo corpus") from None
     return prefix
 
 

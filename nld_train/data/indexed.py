@@ -31,6 +31,7 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, _IndexReader
 
+from nld_train.errors import DataError
 from nld_train.data.tokenizer import MegatronTokenizer
 
 # .idx layout (megatron's _IndexWriter): 9-byte magic, u64 version, u8 dtype code, u64 sequence
@@ -79,9 +80,9 @@ def write_indexed_dataset(
         for doc in documents:
             ids = np.asarray(doc, dtype=np.int64)
             if ids.ndim != 1 or ids.size == 0:
-                raise ValueError(f"document {n_docs} is empty or not a flat list of token ids")
+                raise DataError(f"document {n_docs} is empty or not a flat list of token ids")
             if ids.min() < 0 or ids.max() >= vocab_size:  # would wrap silently in uint16
-                raise ValueError(
+                raise DataError(
                     f"document {n_docs} has token ids outside [0, {vocab_size}): min {ids.min()}, max {ids.max()}"
                 )
             builder.add_document(ids, [ids.size])
@@ -89,7 +90,7 @@ def write_indexed_dataset(
             n_tokens += ids.size
         builder.finalize(tmp + ".idx")
         if n_docs == 0:
-            raise ValueError(f"no documents to write to {prefix}")
+            raise DataError(f"no documents to write to {prefix}")
         for suffix in (".bin", ".idx"):
             _fsync(tmp + suffix)
         with contextlib.suppress(FileNotFoundError):
@@ -119,12 +120,12 @@ def validate_indexed_prefix(prefix: str | os.PathLike) -> IndexedInfo:
     prefix = str(prefix)
     idx_path, bin_path = prefix + ".idx", prefix + ".bin"
 
-    def corrupt(path: str, what: str) -> ValueError:
-        return ValueError(f"data file {path} is corrupt or incomplete: {what}")
+    def corrupt(path: str, what: str) -> DataError:
+        return DataError(f"data file {path} is corrupt or incomplete: {what}")
 
     missing = [path for path in (bin_path, idx_path) if not os.path.isfile(path)]
     if len(missing) == 2:
-        raise ValueError(f"data prefix {prefix!r} not found: neither {bin_path} nor {idx_path} exists")
+        raise DataError(f"data prefix {prefix!r} not found: neither {bin_path} nor {idx_path} exists")
     if missing:
         raise corrupt(missing[0], "the file is missing (its partner exists)")
 
@@ -180,19 +181,19 @@ def parse_data_path(path: str | os.PathLike | Sequence) -> tuple[list[str], list
     elif isinstance(path, Iterable) and not isinstance(path, Mapping):  # list, tuple, OmegaConf ListConfig
         items = [str(item).strip() for item in path]
     else:
-        raise ValueError(f"data.path must be a prefix string or a blend list, got {type(path).__name__}")
+        raise DataError(f"data.path must be a prefix string or a blend list, got {type(path).__name__}")
     if not items or any(not item for item in items):
-        raise ValueError(f"data.path is empty or has empty entries: {path!r}")
+        raise DataError(f"data.path is empty or has empty entries: {path!r}")
 
     numeric = [_is_number(item) for item in items]
     if not any(numeric):
         return items, None
     if len(items) % 2 or not all(numeric[0::2]) or any(numeric[1::2]):
-        raise ValueError(f"a data.path blend alternates weight and prefix, [w1, prefix1, w2, prefix2, ...]: {path!r}")
+        raise DataError(f"a data.path blend alternates weight and prefix, [w1, prefix1, w2, prefix2, ...]: {path!r}")
     weights = [float(w) for w in items[0::2]]
     for weight, prefix in zip(weights, items[1::2]):
         if not (math.isfinite(weight) and weight > 0):
-            raise ValueError(f"blend weight {weight} for {prefix!r} must be a positive number")
+            raise DataError(f"blend weight {weight} for {prefix!r} must be a positive number")
     return items[1::2], weights
 
 
@@ -203,10 +204,10 @@ def _check_splits(prefix: str, n_sequences: int, split: str, sizes: list[int]) -
     for name, bounds, size in zip(("train", "valid", "test"), matrix, sizes):
         if bounds is None:
             if size > 0:
-                raise ValueError(f"split {split!r} gives no {name} data but {size} {name} samples were requested")
+                raise DataError(f"split {split!r} gives no {name} data but {size} {name} samples were requested")
             continue
         if int(round(bounds[1] * n_sequences)) == int(round(bounds[0] * n_sequences)):
-            raise ValueError(
+            raise DataError(
                 f"split {split!r} gives no {name} documents of {prefix} ({n_sequences} sequences in all): "
                 f"use a larger fraction, more documents, or 0 for that split (e.g. '100,0,0' without validation)"
             )
@@ -260,7 +261,7 @@ def build_gpt_datasets(
     it (so `cache_dir` must be on a filesystem all nodes share); without it the process builds alone.
     """
     if seq_length <= 0 or num_train_samples <= 0 or num_valid_samples < 0:
-        raise ValueError(
+        raise DataError(
             f"need seq_length > 0, num_train_samples > 0, num_valid_samples >= 0; got "
             f"{seq_length}, {num_train_samples}, {num_valid_samples}"
         )
@@ -303,7 +304,7 @@ def build_gpt_datasets(
 def collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
     """Stack per-sample dicts into a batch; `loss_mask` as float (GPTDataset already gives float)."""
     if not samples:
-        raise ValueError("collate needs at least one sample")
+        raise DataError("collate needs at least one sample")
     batch = {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in samples[0]}
     batch["loss_mask"] = batch["loss_mask"].float()
     return batch

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nld_train.errors import DataError
+
 if TYPE_CHECKING:  # importing transformers takes a second or more; only the functions below need it
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -33,7 +35,7 @@ def load_tokenizer(path: str | os.PathLike) -> "PreTrainedTokenizerFast":
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer folder {str(path)!r} does not exist")
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        raise ValueError(
+        raise DataError(
             f"{str(path)!r} is not a tokenizer folder: it has neither {' nor '.join(_TOKENIZER_FILES)}"
         )
     from transformers import AutoTokenizer
@@ -41,7 +43,7 @@ def load_tokenizer(path: str | os.PathLike) -> "PreTrainedTokenizerFast":
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as err:  # transformers raises OSError/ValueError/KeyError depending on the damage
-        raise ValueError(f"cannot load the tokenizer in {str(path)!r}: {err}") from err
+        raise DataError(f"cannot load the tokenizer in {str(path)!r}: {err}") from err
 
 
 def check_mask_token(tokenizer: "PreTrainedTokenizerBase", mask_token_id: int) -> None:
@@ -52,12 +54,12 @@ def check_mask_token(tokenizer: "PreTrainedTokenizerBase", mask_token_id: int) -
     """
     actual = getattr(tokenizer, "mask_token_id", None)
     if actual is None:
-        raise ValueError(
+        raise DataError(
             f"the tokenizer has no mask token but the model config sets mask_token_id={mask_token_id}; "
             "add one (tokenizer.add_special_tokens({'mask_token': ...})) or use a tokenizer that has it"
         )
     if actual != mask_token_id:
-        raise ValueError(
+        raise DataError(
             f"mask token mismatch: the tokenizer's mask token id is {actual}, "
             f"the model config's mask_token_id is {mask_token_id}"
         )
@@ -94,9 +96,9 @@ class MegatronTokenizer:
 
     def __init__(self, tokenizer: "PreTrainedTokenizerBase"):
         if tokenizer.eos_token_id is None:
-            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos token (used as end of document)")
+            raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no eos token (used as end of document)")
         if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-            raise ValueError(
+            raise DataError(
                 f"tokenizer {tokenizer.name_or_path!r} needs a pad token distinct from eos "
                 f"(pad={tokenizer.pad_token_id}, eos={tokenizer.eos_token_id})"
             )

@@ -30,6 +30,8 @@ def lr_at(step: int, *, lr: float, min_lr: float, schedule: str, warmup: int, to
             shape = 0.5 * (1 + math.cos(math.pi * progress))
         elif decay_style == "minus_sqrt":
             shape = 1 - math.sqrt(progress)
+        elif decay_style == "exponential":  # megatron's WSD "exponential": 2 * 0.5^r - 1
+            shape = 2 * 0.5 ** progress - 1
         else:
             raise ValueError(f"unknown decay style {decay_style!r}")
         return min_lr + (lr - min_lr) * shape

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from nld_train import checkpoint as ckpt
 from nld_train.config import Config, ConfigError, math_changes, padded_vocab_size, validate
 from nld_train.dist import capabilities, init_distributed
+from nld_train.errors import DataError
 from nld_train.observability import MetricsLog, Wandb, gpu_peak_flops, progress_line, provenance, train_flops_per_token
 from nld_train.train.optim import build_optimizer, grad_norm_and_clip
 from nld_train.train.preemption import EXIT_PREEMPTED, Preempted, Preemption
@@ -58,9 +59,12 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(cfg.tokenizer.path)
         if len(self.tokenizer) > cfg.model.vocab_size:
-            raise ValueError(f"tokenizer {cfg.tokenizer.path} has {len(self.tokenizer)} tokens but "
+            raise DataError(f"tokenizer {cfg.tokenizer.path} has {len(self.tokenizer)} tokens but "
                              f"model.vocab_size is {cfg.model.vocab_size}")
         check_mask_token(self.tokenizer, cfg.model.mask_token_id)
+        from nld_train.data import parse_data_path, validate_indexed_prefix
+        for prefix in parse_data_path(cfg.data.path)[0]:  # before the (possibly large) model is built
+            validate_indexed_prefix(prefix)
 
         self.model = build_model(cfg.model, cfg.parallel, t.seq_length, t.seed)
         self.ddp = DistributedDataParallel(self.model.config,
@@ -118,7 +122,7 @@ class Trainer:
             self.async_queue = AsyncCallsQueue(persistent=False)  # persistent workers need CUDA
         self.preemption = Preemption()
         self.flops_per_token = train_flops_per_token(cfg.model, t.seq_length, o.name == "joint")
-        self.peak_flops = gpu_peak_flops()
+        self.peak_flops = gpu_peak_flops() if self.precision == "bf16" else None  # MFU vs the bf16 peak
 
     def _check_config_change(self, meta: dict, path) -> None:
         """Resuming with other math (model, objective, data, seed, batch, optimizer, schedule) is

@@ -24,6 +24,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 MARKER = "nld_checkpoint.json"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -175,15 +176,20 @@ def _commit(run_dir, step: int, meta: dict, keep_last: int, keep_every: int) -> 
         if not (tmp / "metadata.json").is_file() or missing:
             raise CheckpointError(f"checkpoint {tmp} failed verification (metadata or rng of ranks {missing})")
         (tmp / MARKER).write_text(json.dumps({**meta, "step": step, "world_size": world}, indent=1))
-        if final.exists():  # re-saving a step (e.g. after a resume at the same step)
-            shutil.rmtree(final)
+        if final.exists():  # re-saving a step: move the old one aside first (renames are atomic)
+            os.replace(final, root / f"trash.{final.name}")
         os.replace(tmp, final)
         latest_tmp = root / "latest.tmp"
         latest_tmp.write_text(step_dir_name(step) + "\n")
         os.replace(latest_tmp, root / "latest")
         for old in complete_steps(run_dir)[:-keep_last]:
             if not (keep_every and old % keep_every == 0):
-                shutil.rmtree(root / step_dir_name(old), ignore_errors=True)
+                # rename, then delete: a kill mid-delete leaves a trash.* folder, never a step_*
+                # folder that still looks complete but lacks shards
+                os.replace(root / step_dir_name(old), root / f"trash.{step_dir_name(old)}")
+        for p in root.iterdir():  # trash, and temporary folders of saves that died (one save at a time)
+            if p.name.startswith("trash.") or (p.name.startswith("tmp.") and p.is_dir()):
+                shutil.rmtree(p, ignore_errors=True)
     dist.barrier()
 
 
@@ -212,8 +218,13 @@ def load(step_dir, model, optimizer=None, model_shape: Optional[dict] = None, re
         request["optimizer"] = _optimizer_sharded_state(model, optimizer)
     try:
         loaded = dist_checkpointing.load(request, str(step_dir))
-    except Exception as e:  # megatron's messages are long; say which checkpoint and why first
-        raise CheckpointError(f"could not load checkpoint {step_dir}: {type(e).__name__}: {e}") from e
+    except (Exception, CheckpointException) as e:  # say which checkpoint and why, in one line
+        # (torch's CheckpointException derives from BaseException and carries per-rank failures)
+        cause = next(iter(getattr(e, "failures", {}).values()), e)
+        cause = cause[0] if isinstance(cause, tuple) else cause  # (exception, stack summary)
+        text = str(cause).strip()
+        reason = type(cause).__name__ + (f": {text.splitlines()[0]}" if text else " (a file is truncated or corrupt)")
+        raise CheckpointError(f"could not load checkpoint {step_dir}: {reason}") from e
     model.load_state_dict(loaded["model"])
     if optimizer is not None:
         opt_sd = loaded["optimizer"]
@@ -222,6 +233,9 @@ def load(step_dir, model, optimizer=None, model_shape: Optional[dict] = None, re
             st["step"] = step.clone() if torch.is_tensor(step) else torch.tensor(float(step))
         optimizer.load_state_dict(opt_sd)
         rng_file = step_dir / "rng" / f"rank_{dist.get_rank():05d}.pt"
-        if restore_rng and meta.get("world_size") == dist.get_world_size() and rng_file.is_file():
+        from megatron.core import parallel_state as ps
+        same_layout = (meta.get("world_size") == dist.get_world_size()
+                       and meta.get("tensor_model_parallel_size") == ps.get_tensor_model_parallel_world_size())
+        if restore_rng and same_layout and rng_file.is_file():  # RNG states belong to a rank's role
             _set_rng_state(torch.load(rng_file, weights_only=False))
     return meta

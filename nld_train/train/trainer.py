@@ -82,15 +82,18 @@ class Trainer:
         # resume (full state) takes precedence over init_from (weights only)
         self.step, self.schedule_steps = 0, t.lr_schedule_steps or t.max_steps
         latest = ckpt.find_latest(self.run_dir)
-        shape = model_shape(cfg)
+        # the padded vocabulary must match too: it grows in multiples of 128 x TP
+        shape = {**model_shape(cfg), "padded_vocab_size": padded_vocab_size(cfg.model, self.layout.tp)}
         # megatron's sample order depends on how many samples the dataset is built for: keep the
         # count of the first start unless the run now needs more (then the order is rebuilt)
         self.train_samples = max(t.max_steps, self.schedule_steps) * t.global_batch_size
         self.skipped_steps = self.consecutive_skips = 0
+        self.resumed = latest is not None
         if latest is not None:
             self._check_config_change(ckpt.read_meta(latest), latest)
             meta = ckpt.load(latest, self.model, self.optimizer, model_shape=shape)
             self.step, self.skipped_steps = meta["step"], meta.get("skipped_steps", 0)
+            self.consecutive_skips = meta.get("consecutive_skips", 0)
             self.schedule_steps = t.lr_schedule_steps or meta["lr_schedule_steps"]
             needed = max(t.max_steps, self.schedule_steps) * t.global_batch_size
             if needed > meta["train_samples"]:
@@ -249,10 +252,12 @@ class Trainer:
     def save(self, sync: bool = False) -> None:
         c = self.cfg.checkpoint
         meta = {"lr_schedule_steps": self.schedule_steps, "train_samples": self.train_samples,
-                "skipped_steps": self.skipped_steps, "config": asdict(self.cfg),
+                "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
+                "config": asdict(self.cfg),
                 "consumed_samples": self.step * self.cfg.train.global_batch_size,
-                "model_shape": model_shape(self.cfg), "objective": self.cfg.objective.name,
-                "padded_vocab_size": padded_vocab_size(self.cfg.model, self.layout.tp),
+                "model_shape": {**model_shape(self.cfg),
+                                "padded_vocab_size": padded_vocab_size(self.cfg.model, self.layout.tp)},
+                "objective": self.cfg.objective.name,
                 "tensor_model_parallel_size": self.layout.tp, "recipe": self.cfg.recipe}
         t0 = time.time()
         queue = self.async_queue if (c.async_save and not sync) else None
@@ -266,7 +271,9 @@ class Trainer:
         t, c = self.cfg.train, self.cfg.checkpoint
         self.ddp.train()
         tokens_per_step = t.global_batch_size * t.seq_length
-        start_step, t_start, saved_at = self.step, time.time(), None
+        # a resumed run's current step is already on disk: never save the same step twice
+        start_step, t_start = self.step, time.time()
+        saved_at = self.step if self.resumed else None
         self._log(f"training {self.cfg.recipe or 'run'}: objective={self.cfg.objective.name} steps "
                   f"{self.step}->{t.max_steps} world={self.layout.world_size} (tp={self.layout.tp}, "
                   f"dp={self.layout.dp}) device={self.caps.device} te={self.caps.transformer_engine} "

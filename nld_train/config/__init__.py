@@ -124,6 +124,9 @@ class TrainConfig:
     # print a greedy AR sample of this many tokens at the end (0 = off)
     sample_tokens: int = 0
     sample_prompt: str = "ROMEO:"
+    # at the end, decode these prompts in all four modes and print TPF / tokens/s (TP = 1 only)
+    decode_prompts: List[str] = field(default_factory=list)
+    decode_tokens: int = 64
 
 
 @dataclass
@@ -263,6 +266,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if t.seq_length > m.max_position_embeddings:
         _fail("train.seq_length", f"{t.seq_length} exceeds model.max_position_embeddings="
               f"{m.max_position_embeddings}")
+    if t.decode_prompts and (t.decode_tokens <= 0 or t.decode_tokens % o.block_size):
+        _fail("train.decode_tokens", f"must be a positive multiple of objective.block_size={o.block_size}")
     _choice("train.lr_schedule", t.lr_schedule, {"wsd", "cosine", "constant"})
     _choice("train.lr_decay_style", t.lr_decay_style, {"linear", "cosine", "minus_sqrt", "exponential"})
     _choice("train.precision", t.precision, {"auto", "bf16", "fp32"})
@@ -288,7 +293,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 # Keys that may differ between a checkpoint and the run resuming it: they change how the run is
 # laid out, logged or saved, not what it computes. Prefixes end with ".".
 FREE_ON_RESUME = ("train.max_steps", "train.micro_batch_size", "train.log_interval", "train.eval_interval",
-                  "train.eval_iters", "train.sample_tokens", "train.sample_prompt",
+                  "train.eval_iters", "train.sample_tokens", "train.sample_prompt", "train.decode_prompts",
+                  "train.decode_tokens",
                   "train.max_consecutive_skipped_steps", "model.attention_backend", "data.cache_dir",
                   "parallel.", "checkpoint.", "run.", "wandb.", "recipe", "pipeline")
 

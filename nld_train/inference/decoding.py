@@ -183,7 +183,7 @@ class DecodingMixin:
     @staticmethod
     def _cut_at_eos(tokens, take, eos):
         """Number of tokens to keep per row: ``take`` capped after the first EOS; and whether one hit."""
-        if eos is None:
+        if eos is None or tokens.shape[1] == 0:
             return take, torch.zeros_like(take, dtype=torch.bool)
         j = torch.arange(tokens.shape[1], device=tokens.device)[None]
         is_eos = (tokens == eos) & (j < take[:, None])
@@ -420,7 +420,7 @@ class DecodingMixin:
         d = torch.cat([self._pick(logits[:, P - 1:P], temperature, top_p, generator),   # AR seed
                        self._pick(logits[:, P + 1:], temperature, top_p, generator)], 1)  # diffusion
         n_new = torch.zeros(b, dtype=torch.long, device=dev)
-        done = torch.zeros(b, dtype=torch.bool, device=dev)
+        done = torch.full((b,), max_new_tokens <= 0, dtype=torch.bool, device=dev)
         anchors = torch.arange(B, device=dev) * W
         g_off = torch.arange(B * W, device=dev)
         while not done.all():
@@ -429,11 +429,12 @@ class DecodingMixin:
             x[:, :, 0] = d
             # anchor d_g at C+g, its masks at C+g+1 .. C+g+B
             pos = C[:, None] + g_off // W + g_off % W
-            logits = self(x.view(b, B * W), pos, M.quadratic_mask(cache.key_valid(), B), cache, update_cache=False)
+            hidden = self(x.view(b, B * W), pos, M.quadratic_mask(cache.key_valid(), B), cache,
+                          update_cache=False, return_hidden=True).view(b, B, W, -1)
             stats.nfe += 1
             row_nfe += ~done
-            lg = logits.view(b, B, W, -1)
-            ar = self._pick(lg[:, :, 0], temperature, top_p, generator)        # [b, B] AR after d_g
+            # vocabulary logits only where they are read: the B anchors, then one group's masks
+            ar = self._pick(self.lm_head(hidden[:, :, 0]), temperature, top_p, generator)  # AR after d_g
             match = (ar[:, :-1] == d[:, 1:]).long()
             a = match.cumprod(1).sum(1) + 1                                    # d_0 always accepted
             take = torch.minimum(a, max_new_tokens - n_new).clamp(min=0)
@@ -446,8 +447,9 @@ class DecodingMixin:
             cache.commit(B * W, select=anchors)            # the anchors' keys are causal keys
             cache.crop(C + torch.where(done, 0, a))
             self._maybe_compact(cache, B)
-            g = (a - 1)[:, None, None]
-            nxt_diff = lg.gather(1, g[..., None].expand(-1, 1, W, lg.shape[-1]))[:, 0, 2:]  # slots 2..B
+            # next draft: group a-1, slot 1 replaced by the AR prediction, slots 2..B diffusion
+            g = (a - 1)[:, None, None, None].expand(-1, 1, W, hidden.shape[-1])
+            nxt_diff = self.lm_head(hidden.gather(1, g)[:, 0, 2:])
             d = torch.cat([ar.gather(1, a[:, None] - 1),
                            self._pick(nxt_diff, temperature, top_p, generator)], 1)
         stats.nfe_per_row = row_nfe.tolist()

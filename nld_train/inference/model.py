@@ -11,7 +11,7 @@ build those masks (:mod:`nld_train.inference.masks`); the model only rotates, sc
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 from typing import Optional
 
@@ -43,7 +43,6 @@ class NLDConfig:
     mask_token_id: int = 1
     eos_token_id: Optional[int] = 0
     block_size: int = 32                   # training block size (decoding default comes from the call)
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -274,8 +273,11 @@ class NLDModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 attn_mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
-                update_cache: bool = False, logits_to_keep: int = 0) -> torch.Tensor:
+                update_cache: bool = False, logits_to_keep: int = 0, return_hidden: bool = False) -> torch.Tensor:
         """Logits ``[b, s, vocab]`` (the last ``logits_to_keep`` positions if > 0).
+
+        ``return_hidden``: the final-normed hidden states instead; ``lm_head`` then gives the logits
+        of just the positions a caller needs (the quadratic decoder reads few of its B(B+1)).
 
         ``attn_mask [b, 1, s, S + s]`` bool over ``[committed cache slots ; new tokens]``, True =
         may attend; None = full attention. With ``update_cache`` all ``s`` new tokens are committed
@@ -303,7 +305,8 @@ class NLDModel(nn.Module):
             cache.commit(s)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        return self.lm_head(self.model.norm(x))
+        x = self.model.norm(x)
+        return x if return_hidden else self.lm_head(x)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod

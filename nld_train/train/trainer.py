@@ -327,23 +327,28 @@ class Trainer:
             self.wandb.finish()
 
 
-def sample_text(trainer: Trainer, prompt: str, n_tokens: int) -> str:
-    """Greedy AR continuation with the training model (full re-forward per token, no KV cache:
-    the inference submodule brings the real decoders)."""
-    tok, model = trainer.tokenizer, trainer.model
-    ids = torch.tensor([tok.encode(prompt)], device=trainer.device)
-    model.eval()
-    with torch.no_grad():
-        for _ in range(n_tokens):
-            L = ids.size(1)
-            attn = model.attention_inputs("causal", L, 1, trainer.device)
-            logits = model.full_logits(ids, torch.arange(L, device=trainer.device)[None], attn)
-            logits[..., trainer.cfg.model.mask_token_id] = float("-inf")  # the mask is never an output
-            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
-            if ids[0, -1].item() == tok.eos_token_id:
-                break
-    model.train()
-    return tok.decode(ids[0].tolist())
+def end_of_run_decoding(trainer: Trainer) -> None:
+    """A greedy AR sample and (optionally) a table of all four decoding modes, with the inference
+    submodule's decoders over the trained weights (rank 0; the decoder holds the whole model)."""
+    cfg, t = trainer.cfg, trainer.cfg.train
+    if not (t.sample_tokens > 0 or t.decode_prompts) or not trainer.rank0:
+        return
+    if trainer.layout.tp > 1:
+        trainer._log("end-of-run decoding skipped at TP > 1: decode the checkpoint with nld-generate instead")
+        return
+    from nld_train.inference import from_megatron
+    from nld_train.inference.cli import decode_table, encode_batch
+    tok = trainer.tokenizer
+    dec = from_megatron(trainer.model, cfg.model, eos_token_id=tok.eos_token_id,
+                        block_size=cfg.objective.block_size, device=trainer.device)
+    if t.sample_tokens > 0:
+        ids, mask = encode_batch(tok, [t.sample_prompt], trainer.device)
+        out, _ = dec.ar_generate(ids, t.sample_tokens, attention_mask=mask)
+        text = tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+        trainer._log(f"--- AR sample (greedy, {t.sample_tokens} tokens) ---\n{t.sample_prompt}{text}\n---")
+    if t.decode_prompts:
+        trainer._log(decode_table(dec, tok, list(t.decode_prompts), max_new_tokens=t.decode_tokens,
+                                  block_length=cfg.objective.block_size))
 
 
 def run(cfg: Config) -> None:
@@ -354,10 +359,6 @@ def train(trainer: Trainer) -> None:
     cfg = trainer.cfg
     try:
         trainer.fit()
-        if cfg.train.sample_tokens > 0 and cfg.parallel.sequence_parallel:
-            trainer._log("AR sample skipped: it re-forwards odd lengths, which sequence parallelism cannot split")
-        elif cfg.train.sample_tokens > 0:
-            text = sample_text(trainer, cfg.train.sample_prompt, cfg.train.sample_tokens)
-            trainer._log(f"--- AR sample (greedy, {cfg.train.sample_tokens} tokens) ---\n{text}\n---")
+        end_of_run_decoding(trainer)
     finally:
         trainer.close()

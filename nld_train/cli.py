@@ -101,6 +101,9 @@ def stage_overrides(cfg, overrides: list[str]) -> list[tuple[str, list[str]]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # Before torch loads MKL: make its CPU results independent of memory alignment, so a resumed
+    # process reproduces an uninterrupted one bit for bit (costs ~2 % on CPU; no effect on CUDA).
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     from nld_train.config import ConfigError
     if any(a in ("-h", "--help", "help") for a in argv):
         print(USAGE.format(recipes=_options("recipe"), models=_options("model"), objectives=_options("objective"),

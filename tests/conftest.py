@@ -9,7 +9,8 @@ import pytest
 _TMP = tempfile.mkdtemp(prefix="nld-tests-")
 for k, v in dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                  HF_HOME=f"{_TMP}/hf", WANDB_MODE="disabled", WANDB_SILENT="true", WANDB_DIR=_TMP,
-                 WANDB_CACHE_DIR=_TMP, WANDB_CONFIG_DIR=_TMP, TOKENIZERS_PARALLELISM="false").items():
+                 WANDB_CACHE_DIR=_TMP, WANDB_CONFIG_DIR=_TMP, TOKENIZERS_PARALLELISM="false",
+                 MKL_CBWR="AUTO,STRICT").items():  # as nld-train's CLI sets it: alignment-independent MKL
     os.environ.setdefault(k, v)
 # one demo-corpus cache for the whole session (and for the CLI subprocesses the tests start)
 os.environ.setdefault("NLD_CACHE_DIR", str(Path(tempfile.gettempdir()) / "nld-test-cache"))
@@ -24,10 +25,18 @@ def dist1():
     return init_distributed(1, seed=1234)
 
 
+def child_env(extra=None) -> dict:
+    """os.environ for a CLI subprocess. The in-process 1-rank group (fixture dist1) leaves its
+    rendezvous variables in os.environ; a child must not inherit them (it would bind the same port)."""
+    e = {k: v for k, v in os.environ.items()
+         if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    e.update(extra or {})
+    return e
+
+
 def run_cli(args, env=None, timeout=600, nproc=None):
     """Run `nld-train` (or torchrun of it) in a subprocess; returns CompletedProcess."""
     import subprocess
     cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
             "-m", "nld_train.cli"] if nproc else [sys.executable, "-m", "nld_train.cli"]) + list(args)
-    e = dict(os.environ, **(env or {}))
-    return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=child_env(env), capture_output=True, text=True, timeout=timeout)

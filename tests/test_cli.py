@@ -11,7 +11,7 @@ import pytest
 
 from nld_train.cli import load_config
 from nld_train.config import ConfigError
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, child_env, run_cli
 
 GOLDEN = Path(__file__).parent / "golden" / "smoke_12steps.json"
 SMOKE12 = ["recipe=smoke", "train.max_steps=12", "checkpoint.interval=3"]
@@ -63,13 +63,15 @@ def test_sigkill_after_step6_checkpoint_resumes_bit_exact(smoke_run, tmp_path):
     ref_dir, _ = smoke_run
     run_dir = tmp_path / "run"
     args = [sys.executable, "-m", "nld_train.cli", *SMOKE12, f"run.dir={run_dir}"]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # own process group: SIGKILL the whole group, megatron's checkpoint-writer helpers included
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=child_env())
     marker = run_dir / "checkpoints" / "step_00000006" / "nld_checkpoint.json"
     deadline = time.time() + 300
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert marker.exists(), "the step-6 checkpoint never appeared"
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     res = run_cli([*SMOKE12, f"run.dir={run_dir}"])

@@ -75,7 +75,12 @@ def resolve(path) -> Path:
 
 
 def read_meta(step_dir) -> dict:
-    return json.loads((Path(step_dir) / MARKER).read_text())
+    path = Path(step_dir) / MARKER
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint marker {path} is unreadable ({type(e).__name__}: {e}); "
+                              "move that step folder away to resume from the one before") from None
 
 
 # -- optimizer state <-> sharded tensors ---------------------------------------------------------
@@ -175,7 +180,10 @@ def _commit(run_dir, step: int, meta: dict, keep_last: int, keep_every: int) -> 
         missing = [r for r in range(world) if not (tmp / "rng" / f"rank_{r:05d}.pt").is_file()]
         if not (tmp / "metadata.json").is_file() or missing:
             raise CheckpointError(f"checkpoint {tmp} failed verification (metadata or rng of ranks {missing})")
-        (tmp / MARKER).write_text(json.dumps({**meta, "step": step, "world_size": world}, indent=1))
+        with open(tmp / MARKER, "w") as f:  # durable before the rename publishes it
+            f.write(json.dumps({**meta, "step": step, "world_size": world}, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
         if final.exists():  # re-saving a step: move the old one aside first (renames are atomic)
             os.replace(final, root / f"trash.{final.name}")
         os.replace(tmp, final)

@@ -25,6 +25,16 @@ def dist1():
     return init_distributed(1, seed=1234)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny shapes gain nothing from threads; on a shared CPU extra threads only oversubscribe it."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def child_env(extra=None) -> dict:
     """os.environ for a CLI subprocess. The in-process 1-rank group (fixture dist1) leaves its
     rendezvous variables in os.environ; a child must not inherit them (it would bind the same port)."""

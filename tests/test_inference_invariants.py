@@ -11,13 +11,7 @@ from nld_train.inference import NLDConfig, NLDForDecoding
 MASK, EOS = 1, 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes gain nothing from threads; on a shared CPU extra threads only oversubscribe it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_model(seed=0, vocab=48, std=0.3):

@@ -11,13 +11,7 @@ MICRO = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_grou
              vocab_size=1000, make_vocab_size_divisible_by=128, max_position_embeddings=256, mask_token_id=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes gain nothing from threads; on a shared CPU extra threads only oversubscribe it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,7 @@ from nld_train.inference.sol import sol_tpf
 from tests.test_inference_invariants import random_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes gain nothing from threads; on a shared CPU extra threads only oversubscribe it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_sol_on_a_constant_model_is_two_passes_per_block():

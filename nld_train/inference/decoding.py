@@ -20,6 +20,7 @@ Conventions shared by all modes:
 """
 from __future__ import annotations
 
+import abc
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -57,7 +58,7 @@ class DecodeStats:
 
 
 # -- commit policies (block diffusion) -------------------------------------------------------------
-class CommitPolicy:
+class CommitPolicy(abc.ABC):
     """Which masked positions of a block to commit after one denoise pass.
 
     ``select(cand [b,B], conf [b,B], masked [b,B] bool, step, n_init [b], offset)`` returns
@@ -66,8 +67,9 @@ class CommitPolicy:
     block's first token among the generated tokens (the SOL oracle needs it).
     """
 
+    @abc.abstractmethod
     def select(self, cand, conf, masked, step, n_init, offset):
-        raise NotImplementedError
+        ...
 
 
 def _top1(conf: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
@@ -179,6 +181,19 @@ class DecodingMixin:
         stats.seconds = time.perf_counter() - t0
         self.last_stats = stats
         return torch.cat([input_ids, gen], 1), stats.nfe
+
+    def _accept(self, stats, gen, n_new, done, ar, drafts, emitted, eos, max_new_tokens):
+        """Self-speculation's acceptance (shared by linear and quadratic): ``a`` = 1 + the longest
+        prefix where the AR prediction equals the next draft token; emit ``emitted[:, :a]`` within
+        the budget, cut at EOS. Returns (a, n_new, done)."""
+        a = (ar[:, :-1] == drafts[:, 1:]).long().cumprod(1).sum(1) + 1
+        take = torch.minimum(a, max_new_tokens - n_new).clamp(min=0)
+        take, hit = self._cut_at_eos(emitted, take, eos)
+        take = torch.where(done, 0, take)
+        for r in (~done).nonzero()[:, 0].tolist():
+            stats.accepted[r].append(int(take[r]))
+        n_new = self._emit(gen, n_new, emitted, take)
+        return a, n_new, done | hit | (n_new >= max_new_tokens)
 
     @staticmethod
     def _cut_at_eos(tokens, take, eos):
@@ -370,15 +385,8 @@ class DecodingMixin:
             stats.nfe += 1
             row_nfe += ~done
             ar = self._pick(logits, temperature, top_p, generator)
-            match = (ar[:, :-1] == block[:, 1:]).long()
-            a = match.cumprod(1).sum(1) + 1                     # accepted prefix + bonus token
-            take = torch.minimum(a, max_new_tokens - n_new).clamp(min=0)
-            take, hit = self._cut_at_eos(ar, take, eos)
-            take = torch.where(done, 0, take)
-            for r in (~done).nonzero()[:, 0].tolist():
-                stats.accepted[r].append(int(take[r]))
-            n_new = self._emit(gen, n_new, ar, take)
-            done = done | hit | (n_new >= max_new_tokens)
+            # accepted prefix + the AR token at the first mismatch; emit AR's tokens
+            a, n_new, done = self._accept(stats, gen, n_new, done, ar, block, ar, eos, max_new_tokens)
             # keep block[0..a-1] (= next + the accepted drafts); finished rows keep nothing new
             cache.crop(L0 + torch.where(done, 0, a))
             self._maybe_compact(cache, B)
@@ -435,15 +443,8 @@ class DecodingMixin:
             row_nfe += ~done
             # vocabulary logits only where they are read: the B anchors, then one group's masks
             ar = self._pick(self.lm_head(hidden[:, :, 0]), temperature, top_p, generator)  # AR after d_g
-            match = (ar[:, :-1] == d[:, 1:]).long()
-            a = match.cumprod(1).sum(1) + 1                                    # d_0 always accepted
-            take = torch.minimum(a, max_new_tokens - n_new).clamp(min=0)
-            take, hit = self._cut_at_eos(d, take, eos)
-            take = torch.where(done, 0, take)
-            for r in (~done).nonzero()[:, 0].tolist():
-                stats.accepted[r].append(int(take[r]))
-            n_new = self._emit(gen, n_new, d, take)
-            done = done | hit | (n_new >= max_new_tokens)
+            # d_0 always accepted, then d_i while AR after d_{i-1} agrees; emit the drafts
+            a, n_new, done = self._accept(stats, gen, n_new, done, ar, d, d, eos, max_new_tokens)
             cache.commit(B * W, select=anchors)            # the anchors' keys are causal keys
             cache.crop(C + torch.where(done, 0, a))
             self._maybe_compact(cache, B)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from nld_train.checkpoint import read_meta
 from nld_train.inference.decoding import NLDForDecoding
 from nld_train.inference.model import NLDConfig
 
@@ -134,32 +136,25 @@ def _model_config(d: dict):
 
 
 def resolve_checkpoint(path) -> Path:
-    """A run dir / checkpoints dir / step dir -> step dir; a clear ValueError for anything else."""
+    """A run dir / checkpoints dir / step dir -> step dir; a CheckpointError (a ValueError) otherwise."""
     from nld_train.checkpoint import CheckpointError, resolve
     p = Path(path)
-    if not p.exists():
-        raise ValueError(f"{p} does not exist")
     if (p / "config.json").is_file() and not (p / "checkpoints").exists():
-        raise ValueError(f"{p} looks like an HF export folder; loading HF exports is not implemented yet "
-                         "(load it with transformers and trust_remote_code=True once nld-convert exists)")
+        raise CheckpointError(f"{p} looks like an HF export folder; loading HF exports is not implemented yet "
+                              "(load it with transformers and trust_remote_code=True once nld-convert exists)")
     try:
         return resolve(p)
     except CheckpointError as e:
-        raise ValueError(f"{p} is not an nld-train checkpoint (a run dir or a step_XXXXXXXX folder): {e}") from e
+        raise CheckpointError(f"{p} is not an nld-train checkpoint (a run dir or a step folder): {e}") from None
 
 
 def tokenizer_path(path) -> str:
     """The tokenizer folder a checkpoint was trained with (its config's tokenizer.path)."""
     step_dir = resolve_checkpoint(path)
-    tok = (_run_config(step_dir, _read_meta(step_dir)).get("tokenizer") or {}).get("path")
+    tok = (_run_config(step_dir, read_meta(step_dir)).get("tokenizer") or {}).get("path")
     if not tok:
         raise ValueError(f"the config of {step_dir} names no tokenizer.path")
     return tok
-
-
-def _read_meta(step_dir):
-    from nld_train.checkpoint import read_meta
-    return read_meta(step_dir)
 
 
 def load_model(path, device="cpu", dtype=None) -> NLDForDecoding:
@@ -170,17 +165,16 @@ def load_model(path, device="cpu", dtype=None) -> NLDForDecoding:
     The caller's RNG state is left as it was.
     """
     step_dir = resolve_checkpoint(path)
-    meta = _read_meta(step_dir)
+    meta = read_meta(step_dir)
     conf = _run_config(step_dir, meta)
     mcfg = _model_config(conf.get("model", {}))
     block = int((conf.get("objective") or {}).get("block_size", 32))
     eos = None
     tok = (conf.get("tokenizer") or {}).get("path")
     if tok and Path(tok).is_dir():
-        try:
-            eos = load_tokenizer(tok).eos_token_id
-        except Exception:  # the decoder still works; EOS stopping is then off unless passed explicitly
-            eos = None
+        eos = load_tokenizer(tok).eos_token_id
+    else:  # the decoder still works, but stops at EOS only if eos_token_id is passed per call
+        warnings.warn(f"tokenizer {tok!r} of {step_dir} not found: no default EOS; pass eos_token_id=")
 
     import torch.distributed as dist
 

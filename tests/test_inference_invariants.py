@@ -200,10 +200,12 @@ def test_cli_generate_and_table(trained, capsys):
     tr, _ = trained
     run = tr.cfg.run.dir
     args = [f"checkpoint={run}", "prompt=ROMEO:", "max_new_tokens=16", "block_length=8", "dtype=float64"]
-    assert main(args + ["mode=all", "sol=true"]) == 0
+    assert main(args + ["mode=all", "sol=true", "thresholds=0.9,1.0"]) == 0
     table = capsys.readouterr().out
-    for mode in ("ar", "diffusion", "linear_spec", "quadratic_spec", "SOL oracle"):
+    for mode in ("ar", "diffusion@0.9", "diffusion@1", "linear_spec", "quadratic_spec", "SOL oracle"):
         assert mode in table
+    # threshold 1.0 commits exactly one token per denoise pass: TPF 1.00 (block-1 denoise + 1 KV write)
+    assert [ln.split()[1] for ln in table.splitlines() if ln.startswith("diffusion@1 ")] == ["1.00"]
     spec_rows = [ln for ln in table.splitlines() if ln.startswith(("linear_spec", "quadratic_spec"))]
     assert len(spec_rows) == 2 and all(ln.rstrip().endswith("1/1") for ln in spec_rows)
     assert main(args + ["mode=linear_spec"]) == 0

@@ -48,6 +48,8 @@ class ModelConfig:
     query_scaling_beta: Optional[float] = None
     # token id of [MASK]; must equal the tokenizer's mask token (checked at start)
     mask_token_id: int = 1
+    # biases on the query/key/value projections (Qwen2-family models imported with nld-convert)
+    qkv_bias: bool = False
     init_method_std: float = 0.02
     # "auto": FlexAttention block masks on CUDA, dense boolean-mask SDPA on CPU
     attention_backend: str = "auto"
@@ -72,6 +74,17 @@ class ParallelConfig:
     # "auto": nccl on CUDA, gloo on CPU
     backend: str = "auto"
     timeout_minutes: int = 10
+    # activation recomputation (same results bit for bit, less memory, ~1 more forward of compute):
+    # "none"; "selective": recompute parallel.recompute_modules inside every layer; "full": keep
+    # only each layer's input and recompute the whole layer in backward (megatron's full/uniform/1
+    # layer). See docs/recipes.md
+    recompute: str = "none"
+    # for recompute=selective: any of "core_attn", "mlp"
+    recompute_modules: List[str] = field(default_factory=lambda: ["core_attn"])
+    # megatron's DistributedOptimizer (AdamW state split over data-parallel ranks): a planner option
+    # for now (train.dry_run=true); the trainer refuses it (megatron-core 0.16.1 shards only CUDA
+    # parameters, and nld-train's optimizer/checkpoint path does not use it yet)
+    distributed_optimizer: bool = False
 
 
 @dataclass
@@ -81,6 +94,11 @@ class DataConfig:
     split: str = "98,2,0"
     # where megatron caches its sample indices; None = <run.dir>/data_cache
     cache_dir: Optional[str] = None
+    # "gpt": documents concatenated into rows by megatron's GPTDataset (pretraining); "sft": chat
+    # shards from nld-prepare-data with loss masks, whole conversations packed per row (docs/data.md)
+    format: str = "gpt"
+    # sft: several conversations per row (attention never crosses them); false = one per row
+    pack: bool = True
 
 
 @dataclass
@@ -127,6 +145,11 @@ class TrainConfig:
     # at the end, decode these prompts in all four modes and print TPF / tokens/s (TP = 1 only)
     decode_prompts: List[str] = field(default_factory=list)
     decode_tokens: int = 64
+    # diffusion rows of that table: one per confidence threshold (a small model is rarely 90 % sure)
+    decode_thresholds: List[float] = field(default_factory=lambda: [0.9])
+    # print the plan (parameters, memory per GPU, FLOPs, steps, time) for `nodes` x `gpus_per_node`
+    # GPUs and exit without training; a layout that cannot fit is refused (exit 2). See docs/slurm.md
+    dry_run: bool = False
 
 
 @dataclass
@@ -158,9 +181,86 @@ class WandbConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Benchmarks during training (nld_train.eval, docs/evaluation.md): every ``interval`` steps,
+    rank 0 evaluates the just-trained weights; results go to metrics.jsonl / wandb as
+    ``eval/<task>/<mode>/<accuracy|tpf|tokens_per_s>`` and to run.dir/eval/step_<8 digits>/."""
+    interval: int = 0  # 0 = never
+    tasks: List[str] = field(default_factory=lambda: ["gsm8k"])
+    modes: List[str] = field(default_factory=lambda: ["ar", "diffusion", "linear_spec"])
+    thresholds: List[float] = field(default_factory=lambda: [0.9])
+    limit: int = 32
+    batch_size: int = 8
+    max_new_tokens: Optional[int] = None  # None = each task's default
+    prompt_format: str = "auto"           # auto | fewshot | chat
+    sol: bool = False
+
+
+@dataclass
 class StageConfig:
     name: str = ""    # sub-folder of run.dir
     recipe: str = ""  # the recipe this stage runs
+
+
+@dataclass
+class AddonConfig:
+    # "" = train the LM itself (stages, SFT); "sampler" / "lora_drafter" = train that add-on of a
+    # frozen LM (recipes sampler / lora_drafter; docs/addons.md)
+    kind: str = ""
+    # the frozen LM: a run dir or step dir of an nld-train checkpoint
+    base_model: Optional[str] = None
+    # the last fraction of data.path's documents is held out (measurements), the rest feeds data generation
+    holdout_fraction: float = 0.1
+    # data-generation batch (rows decoded together)
+    gen_batch_size: int = 32
+    # also put the trained artifact next to the model (<base run dir>/sampler or /linear_spec_lora),
+    # where load-time users and `nld-convert to-hf` find it
+    install: bool = True
+
+
+@dataclass
+class SamplerConfig:
+    # "correct" for the label: "ar" = the LM's top-1 equals its own greedy AR continuation (spec),
+    # "ground_truth" = equals the training text
+    label: str = "ar"
+    num_sequences: int = 256          # training windows denoised for the data
+    prompt_length: int = 32
+    num_blocks: int = 2               # blocks denoised per window (context teacher-forced)
+    block_length: int = 32
+    # behaviour policy while recording: per block, a confidence threshold drawn from this list
+    behaviour_thresholds: List[float] = field(default_factory=lambda: [0.5, 0.7, 0.9, 0.97, 1.0])
+    # where the shards go; None = <run.dir>/sampler_data (generated unless it already holds them)
+    data_dir: Optional[str] = None
+    # model (spec defaults)
+    token_dim: int = 32
+    d_model: int = 192
+    num_layers: int = 4
+    num_heads: int = 8
+    ffn_hidden_size: int = 384
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 128
+    alpha: float = 512.0
+    # "ce": cross-entropy on the verifier's greedy tokens (spec); "kl": KL(verifier || drafter)
+    loss: str = "ce"
+    num_sequences: int = 256          # self-generated responses (greedy AR of the frozen LM)
+    prompt_length: int = 32
+    response_length: int = 96
+    drafts_per_sequence: int = 4      # draft blocks per response, at random offsets
+    block_length: int = 32
+    data_dir: Optional[str] = None    # None = <run.dir>/lora_data
+
+
+@dataclass
+class PlanConfig:
+    """Assumptions of the dry-run planner (train.dry_run=true), one GPU kind for the whole job."""
+    gpu_memory_gb: float = 80.0    # H100 SXM: 80 GB HBM3
+    # memory the plan keeps free: CUDA context, NCCL buffers, allocator fragmentation
+    reserve_gb: float = 8.0
+    peak_tflops: float = 989.0     # H100 SXM dense bf16
+    mfu: float = 0.40              # model FLOPs utilisation assumed for the time estimate
 
 
 @dataclass
@@ -174,11 +274,23 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    addon: AddonConfig = field(default_factory=AddonConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     # name of the recipe this config came from (set by the CLI)
     recipe: str = ""
     # a multi-stage recipe: names of recipes run one after another in run.dir/<name>, each
     # stage initialised from the previous one's final checkpoint; empty = a single stage
     pipeline: List[StageConfig] = field(default_factory=list)
+    # the job's size for train.dry_run (a real run takes its world size from the launcher)
+    nodes: int = 1
+    gpus_per_node: int = 8
+    plan: PlanConfig = field(default_factory=PlanConfig)
+
+
+# parallel.recompute_modules allowed for this dense model (megatron-core's names)
+RECOMPUTE_MODULES = ("core_attn", "mlp")
 
 
 def _fail(key: str, msg: str):
@@ -199,7 +311,7 @@ def padded_vocab_size(model: ModelConfig, tp: int) -> int:
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Check what types cannot: every error names the offending key."""
     m, o, p, t, c = cfg.model, cfg.objective, cfg.parallel, cfg.train, cfg.checkpoint
-    if not cfg.pipeline:
+    if not cfg.pipeline and not cfg.train.dry_run:  # a dry run reads no data
         if cfg.data.path in (None, "", []):
             _fail("data.path", "is required (an indexed-shard prefix or a blend), e.g. data.path=/data/corpus_text_document")
         if not cfg.tokenizer.path:
@@ -259,6 +371,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if p.sequence_parallel and t.seq_length % tp:
         _fail("parallel.sequence_parallel", f"train.seq_length={t.seq_length} is not divisible by TP={tp}")
     _choice("parallel.backend", p.backend, {"auto", "gloo", "nccl"})
+    _choice("parallel.recompute", p.recompute, {"none", "selective", "full"})
+    if p.recompute == "selective":
+        if not p.recompute_modules:
+            _fail("parallel.recompute_modules", "must name at least one module for parallel.recompute=selective")
+        for mod in p.recompute_modules:
+            _choice("parallel.recompute_modules", mod, set(RECOMPUTE_MODULES))
     dp = world_size // tp
     if t.global_batch_size % (t.micro_batch_size * dp):
         _fail("train.global_batch_size", f"{t.global_batch_size} is not divisible by "
@@ -268,6 +386,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
               f"{m.max_position_embeddings}")
     if t.decode_prompts and (t.decode_tokens <= 0 or t.decode_tokens % o.block_size):
         _fail("train.decode_tokens", f"must be a positive multiple of objective.block_size={o.block_size}")
+    if not t.decode_thresholds or any(not 0 < x <= 1 for x in t.decode_thresholds):
+        _fail("train.decode_thresholds", f"must be a non-empty list of values in (0, 1], got {t.decode_thresholds}")
     _choice("train.lr_schedule", t.lr_schedule, {"wsd", "cosine", "constant"})
     _choice("train.lr_decay_style", t.lr_decay_style, {"linear", "cosine", "minus_sqrt", "exponential"})
     _choice("train.precision", t.precision, {"auto", "bf16", "fp32"})
@@ -288,15 +408,61 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if t.max_consecutive_skipped_steps < 1:
         _fail("train.max_consecutive_skipped_steps", "must be >= 1")
     _choice("wandb.mode", cfg.wandb.mode, {"offline", "online", "disabled"})
+    if cfg.eval.interval < 0:
+        _fail("eval.interval", f"must be >= 0, got {cfg.eval.interval}")
+    from nld_train.eval.settings import from_eval_config, validate_settings
+    validate_settings(from_eval_config(cfg.eval), prefix="eval.")
+    for key, val in [("nodes", cfg.nodes), ("gpus_per_node", cfg.gpus_per_node),
+                     ("plan.gpu_memory_gb", cfg.plan.gpu_memory_gb), ("plan.peak_tflops", cfg.plan.peak_tflops)]:
+        if val <= 0:
+            _fail(key, f"must be positive, got {val}")
+    if not 0 < cfg.plan.mfu <= 1:
+        _fail("plan.mfu", f"must be in (0, 1], got {cfg.plan.mfu}")
+    if not 0 <= cfg.plan.reserve_gb < cfg.plan.gpu_memory_gb:
+        _fail("plan.reserve_gb", f"must be in [0, plan.gpu_memory_gb), got {cfg.plan.reserve_gb}")
+    _choice("data.format", cfg.data.format, {"gpt", "sft"})
+    _validate_addon(cfg)
+
+
+def _validate_addon(cfg: Config) -> None:
+    a, s, lo = cfg.addon, cfg.sampler, cfg.lora
+    _choice("addon.kind", a.kind, {"", "sampler", "lora_drafter"})
+    if not a.kind:
+        return
+    if not a.base_model:
+        _fail("addon.base_model", f"is required for addon.kind={a.kind} (the frozen LM's run dir or step dir)")
+    if not 0 < a.holdout_fraction < 1:
+        _fail("addon.holdout_fraction", "must be in (0, 1)")
+    for key, val in [("addon.gen_batch_size", a.gen_batch_size), ("sampler.num_sequences", s.num_sequences),
+                     ("sampler.prompt_length", s.prompt_length), ("sampler.num_blocks", s.num_blocks),
+                     ("sampler.block_length", s.block_length), ("sampler.d_model", s.d_model),
+                     ("sampler.num_layers", s.num_layers), ("sampler.num_heads", s.num_heads),
+                     ("sampler.ffn_hidden_size", s.ffn_hidden_size), ("sampler.token_dim", s.token_dim),
+                     ("lora.rank", lo.rank), ("lora.num_sequences", lo.num_sequences),
+                     ("lora.prompt_length", lo.prompt_length), ("lora.response_length", lo.response_length),
+                     ("lora.drafts_per_sequence", lo.drafts_per_sequence), ("lora.block_length", lo.block_length)]:
+        if val <= 0:
+            _fail(key, f"must be positive, got {val}")
+    _choice("sampler.label", s.label, {"ar", "ground_truth"})
+    if not s.behaviour_thresholds or any(not 0 <= x <= 1 for x in s.behaviour_thresholds):
+        _fail("sampler.behaviour_thresholds", f"must be a non-empty list of values in [0, 1], got {s.behaviour_thresholds}")
+    if s.d_model % s.num_heads or (s.d_model // s.num_heads) % 2:
+        _fail("sampler.d_model", f"{s.d_model} must split into sampler.num_heads={s.num_heads} heads of even size")
+    _choice("lora.loss", lo.loss, {"ce", "kl"})
+    if lo.alpha <= 0:
+        _fail("lora.alpha", f"must be positive, got {lo.alpha}")
+    if lo.block_length < 2 or lo.block_length > lo.response_length:
+        _fail("lora.block_length", f"must be in [2, lora.response_length={lo.response_length}]")
 
 
 # Keys that may differ between a checkpoint and the run resuming it: they change how the run is
 # laid out, logged or saved, not what it computes. Prefixes end with ".".
 FREE_ON_RESUME = ("train.max_steps", "train.micro_batch_size", "train.log_interval", "train.eval_interval",
                   "train.eval_iters", "train.sample_tokens", "train.sample_prompt", "train.decode_prompts",
-                  "train.decode_tokens",
+                  "train.decode_tokens", "train.decode_thresholds",
                   "train.max_consecutive_skipped_steps", "model.attention_backend", "data.cache_dir",
-                  "parallel.", "checkpoint.", "run.", "wandb.", "recipe", "pipeline")
+                  "parallel.", "checkpoint.", "run.", "wandb.", "eval.", "recipe", "pipeline",
+                  "train.dry_run", "nodes", "gpus_per_node", "plan.")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -1,4 +1,4 @@
-"""Data layer: tokenizers, megatron indexed datasets, the embedded demo corpus.
+"""Data layer: tokenizers, megatron indexed datasets, preparation (nld-prepare-data), SFT rows, the demo corpus.
 
 Names are resolved on first use so that `nld_train.data.tokenizer` stays importable (and quick)
 without megatron, which only `indexed` and `demo_corpus` need.
@@ -19,6 +19,13 @@ _EXPORTS = {
     "validate_indexed_prefix": "indexed",
     "write_indexed_dataset": "indexed",
     "ensure_demo_corpus": "demo_corpus",
+    "check_data": "indexed",
+    "resolve_data_path": "indexed",
+    "build_datasets": "build",
+    "describe": "build",
+    "SFTDataset": "sft",
+    "ChatFormatter": "sft",
+    "DEFAULT_CHAT_TEMPLATE": "sft",
 }
 __all__ = sorted(_EXPORTS)
 

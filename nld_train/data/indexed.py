@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import json
 import math
 import os
 import uuid
@@ -61,48 +62,75 @@ def _fsync(path: str) -> None:
         os.fsync(handle.fileno())
 
 
+class IndexedWriter:
+    """Megatron's `IndexedDatasetBuilder` writing `<prefix>.bin/.idx` under temporary names in the
+    target folder; `commit()` renames them into place, the .idx last, after removing any old .idx.
+    A reader therefore sees the old dataset, no .idx (incomplete), or the new complete pair, never a
+    half-written pair that looks complete. Leaving the block without `commit()` removes the temporaries.
+    """
+
+    def __init__(self, prefix: str | os.PathLike, dtype: type[np.number]):
+        self.prefix = str(prefix)
+        Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = f"{self.prefix}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.builder = IndexedDatasetBuilder(self.tmp + ".bin", dtype=dtype)
+        self.documents = self.tokens = 0
+
+    def add_documents(self, flat: np.ndarray, lengths: Sequence[int]) -> None:
+        """Several documents (one megatron sequence each): their concatenation and their lengths.
+
+        The same bytes and index entries as one `builder.add_document` per document, in one write.
+        """
+        lengths = [int(n) for n in lengths]
+        flat = np.ascontiguousarray(flat, dtype=self.builder.dtype)
+        if flat.ndim != 1 or sum(lengths) != flat.size or any(n <= 0 for n in lengths):
+            raise DataError(f"{self.prefix}: {flat.size} tokens do not split into the positive lengths given")
+        self.builder.data_file.write(flat.tobytes(order="C"))
+        seq = self.builder.sequence_lengths
+        seq.extend(lengths)
+        self.builder.document_indices.extend(range(len(seq) - len(lengths) + 1, len(seq) + 1))
+        self.documents += len(lengths)
+        self.tokens += flat.size
+
+    def commit(self) -> None:
+        if self.documents == 0:
+            raise DataError(f"no documents to write to {self.prefix}")
+        self.builder.finalize(self.tmp + ".idx")
+        for suffix in (".bin", ".idx"):
+            _fsync(self.tmp + suffix)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.prefix + ".idx")
+        os.replace(self.tmp + ".bin", self.prefix + ".bin")
+        os.replace(self.tmp + ".idx", self.prefix + ".idx")
+
+    def __enter__(self) -> "IndexedWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.builder.data_file.close()  # already closed by finalize() unless we are failing
+        for suffix in (".bin", ".idx"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.tmp + suffix)
+
+
 def write_indexed_dataset(
     prefix: str | os.PathLike, documents: Iterable[Sequence[int]], vocab_size: int
 ) -> tuple[int, int]:
-    """Write `<prefix>.bin/.idx`, one megatron document (and sequence) per item; return (documents, tokens).
-
-    Atomic: both files are written under temporary names in the target folder and renamed into place,
-    the .idx last, after removing any old .idx. A reader therefore sees the old dataset, no .idx
-    (incomplete), or the new complete pair, never a half-written pair that looks complete.
-    """
-    prefix = str(prefix)
-    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{prefix}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    dtype = token_dtype(vocab_size)
-    n_docs = n_tokens = 0
-    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
-    try:
+    """Write `<prefix>.bin/.idx` atomically (`IndexedWriter`), one megatron document (and sequence) per
+    item; return (documents, tokens)."""
+    with IndexedWriter(prefix, token_dtype(vocab_size)) as writer:
         for doc in documents:
             ids = np.asarray(doc, dtype=np.int64)
             if ids.ndim != 1 or ids.size == 0:
-                raise DataError(f"document {n_docs} is empty or not a flat list of token ids")
+                raise DataError(f"document {writer.documents} is empty or not a flat list of token ids")
             if ids.min() < 0 or ids.max() >= vocab_size:  # would wrap silently in uint16
                 raise DataError(
-                    f"document {n_docs} has token ids outside [0, {vocab_size}): min {ids.min()}, max {ids.max()}"
+                    f"document {writer.documents} has token ids outside [0, {vocab_size}): "
+                    f"min {ids.min()}, max {ids.max()}"
                 )
-            builder.add_document(ids, [ids.size])
-            n_docs += 1
-            n_tokens += ids.size
-        builder.finalize(tmp + ".idx")
-        if n_docs == 0:
-            raise DataError(f"no documents to write to {prefix}")
-        for suffix in (".bin", ".idx"):
-            _fsync(tmp + suffix)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(prefix + ".idx")
-        os.replace(tmp + ".bin", prefix + ".bin")
-        os.replace(tmp + ".idx", prefix + ".idx")
-    finally:
-        builder.data_file.close()  # already closed by finalize() unless we are failing
-        for suffix in (".bin", ".idx"):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp + suffix)
-    return n_docs, n_tokens
+            writer.add_documents(ids, [ids.size])
+        writer.commit()
+    return writer.documents, writer.tokens
 
 
 class IndexedInfo(NamedTuple):
@@ -160,6 +188,125 @@ def validate_indexed_prefix(prefix: str | os.PathLike) -> IndexedInfo:
     except Exception as err:
         raise corrupt(idx_path, f"megatron cannot open it ({type(err).__name__}: {err})") from None
     return IndexedInfo(documents=n_doc_bounds - 1, sequences=n_seq, tokens=n_tokens)
+
+
+# ------------------------------------------------------------------------ sidecars (nld-prepare-data)
+# `<prefix>.json` next to a shard describes it (tokenizer identity, counts, loss mask); a manifest
+# `<output>.json` lists the shards of one `nld-prepare-data` output, so `data.path=<output>` works
+# whatever the number of shards. `<shard>.lossmask.bin/.idx` holds one uint8 per token (SFT).
+SIDECAR_FORMAT = "nld-prepare-data/1"
+LOSS_MASK_SUFFIX = ".lossmask"
+
+
+def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
+    path = str(path)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "w") as handle:
+            json.dump(obj, handle, indent=1, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def read_sidecar(prefix: str | os.PathLike) -> dict | None:
+    """The JSON sidecar `<prefix>.json` written by nld-prepare-data, or None when there is none."""
+    path = str(prefix) + ".json"
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as handle:
+            meta = json.load(handle)
+    except (OSError, ValueError) as err:
+        raise DataError(f"sidecar {path} is unreadable ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
+        raise DataError(f"{path} is not an nld-prepare-data sidecar (format {SIDECAR_FORMAT!r})")
+    return meta
+
+
+def manifest_shards(prefix: str, meta: dict) -> list[tuple[str, int]]:
+    """(shard prefix, tokens) of a complete manifest; shard names are relative to its folder."""
+    if meta.get("kind") != "manifest":
+        raise DataError(f"{prefix}.json describes a single shard, not a manifest")
+    if meta.get("status") != "complete":
+        raise DataError(f"{prefix}: nld-prepare-data did not finish (status {meta.get('status')!r}); "
+                        "run it again with the same arguments to complete it")
+    folder = os.path.dirname(prefix)
+    return [(os.path.join(folder, shard["name"]), int(shard["tokens"])) for shard in meta["shards"]]
+
+
+def resolve_data_path(path) -> tuple[list[str], list[float] | None]:
+    """`parse_data_path`, with every nld-prepare-data output prefix (a manifest, no .idx of its own)
+    replaced by its shards. In a weighted blend a manifest's weight is split over its shards in
+    proportion to their tokens; without weights megatron weighs every shard by its size."""
+    prefixes, weights = parse_data_path(path)
+    out_prefixes, out_weights = [], []
+    for i, prefix in enumerate(prefixes):
+        meta = None if os.path.isfile(prefix + ".idx") else read_sidecar(prefix)
+        if meta is None:
+            out_prefixes.append(prefix)
+            out_weights.append(None if weights is None else weights[i])
+            continue
+        shards = manifest_shards(prefix, meta)
+        total = sum(tokens for _, tokens in shards)
+        for shard, tokens in shards:
+            out_prefixes.append(shard)
+            out_weights.append(None if weights is None else weights[i] * tokens / total)
+    return out_prefixes, (None if weights is None else out_weights)
+
+
+def validate_loss_mask(prefix: str) -> int:
+    """Check `<prefix>.lossmask.bin/.idx` against the token shard; return the number of loss tokens."""
+    mask_prefix = prefix + LOSS_MASK_SUFFIX
+    if not os.path.isfile(mask_prefix + ".idx"):
+        raise DataError(f"{prefix} has no loss mask ({mask_prefix}.bin/.idx): SFT data must come from "
+                        "nld-prepare-data on chat input (a messages field)")
+    validate_indexed_prefix(mask_prefix)
+    tokens, mask = IndexedDataset(prefix), IndexedDataset(mask_prefix)
+    same = np.array_equal(tokens.sequence_lengths, mask.sequence_lengths) and np.array_equal(
+        tokens.document_indices, mask.document_indices)
+    if not same:
+        raise DataError(f"loss mask {mask_prefix} does not match the documents of {prefix}")
+    if mask.index.dtype != np.uint8:
+        raise DataError(f"loss mask {mask_prefix} must hold uint8 values, holds {mask.index.dtype}")
+    del tokens, mask
+    return int(np.count_nonzero(np.memmap(mask_prefix + ".bin", dtype=np.uint8, mode="r")))
+
+
+def check_data(path, tokenizer, data_format: str) -> list[dict]:
+    """Everything about `data.path` that can be refused before a model is built: every prefix exists
+    and is intact; shards with a sidecar were made with the same vocabulary as `tokenizer`; SFT data
+    has loss masks and pretraining data has none. Returns one summary per shard."""
+    from nld_train.data.tokenizer import vocab_sha256
+
+    if data_format not in ("gpt", "sft"):
+        raise DataError(f"data.format must be 'gpt' or 'sft', got {data_format!r}")
+    model_hash = None
+    out = []
+    for prefix in resolve_data_path(path)[0]:
+        info = validate_indexed_prefix(prefix)
+        meta = read_sidecar(prefix)
+        if meta is not None:
+            recorded = meta.get("tokenizer", {})
+            model_hash = model_hash or vocab_sha256(tokenizer)
+            if recorded.get("vocab_sha256") != model_hash:
+                raise DataError(
+                    f"{prefix} was tokenized with {recorded.get('name_or_path')!r} (vocab sha256 "
+                    f"{str(recorded.get('vocab_sha256'))[:12]}, {recorded.get('vocab_size')} tokens) but the "
+                    f"model's tokenizer {tokenizer.name_or_path!r} has vocab sha256 {model_hash[:12]} "
+                    f"({len(tokenizer)} tokens): prepare the data with the model's tokenizer")
+        has_mask = os.path.isfile(prefix + LOSS_MASK_SUFFIX + ".idx")
+        if data_format == "gpt" and has_mask:
+            raise DataError(f"{prefix} holds chat data with a loss mask: train it with data.format=sft "
+                            "(pretraining would ignore the mask and train on the prompts)")
+        loss_tokens = validate_loss_mask(prefix) if data_format == "sft" else info.tokens
+        out.append({"prefix": prefix, "documents": info.documents, "tokens": info.tokens,
+                    "loss_tokens": loss_tokens})
+    return out
 
 
 def _is_number(text: str) -> bool:
@@ -265,7 +412,7 @@ def build_gpt_datasets(
             f"need seq_length > 0, num_train_samples > 0, num_valid_samples >= 0; got "
             f"{seq_length}, {num_train_samples}, {num_valid_samples}"
         )
-    prefixes, weights = parse_data_path(path)
+    prefixes, weights = resolve_data_path(path)
     sizes = [int(num_train_samples), int(num_valid_samples), 0]
     for prefix in prefixes:
         _check_splits(prefix, validate_indexed_prefix(prefix).sequences, split, sizes)

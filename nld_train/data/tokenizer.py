@@ -85,6 +85,23 @@ def tokenizer_sha256(tokenizer: "PreTrainedTokenizerBase") -> str | None:
     return None
 
 
+def vocab_sha256(tokenizer: "PreTrainedTokenizerBase") -> str:
+    """Hash of what token ids mean: every (token, id) pair, added tokens included.
+
+    Prepared shards record it; training refuses shards whose hash differs from the tokenizer's
+    (pre/post-processing settings may differ, the meaning of the ids may not).
+    """
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+def tokenizer_identity(tokenizer: "PreTrainedTokenizerBase") -> dict:
+    """What the sidecar of prepared shards records about the tokenizer that made them."""
+    return {"name_or_path": str(tokenizer.name_or_path), "class": type(tokenizer).__name__,
+            "vocab_size": len(tokenizer), "vocab_sha256": vocab_sha256(tokenizer),
+            "tokenizer_sha256": tokenizer_sha256(tokenizer), "eos_token_id": tokenizer.eos_token_id}
+
+
 class MegatronTokenizer:
     """What megatron's GPTDataset reads from a tokenizer, over an HF tokenizer.
 

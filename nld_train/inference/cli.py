@@ -2,6 +2,7 @@
 
     nld-generate checkpoint=<run dir | step dir> mode=ar|diffusion|linear_spec|quadratic_spec|all
                  prompt="ROMEO:" max_new_tokens=64 block_length=32 threshold=0.9
+                 [thresholds=0.9,0.3   (mode=all: one diffusion row per confidence threshold)]
                  [temperature=0 top_p=1 seed=0 dtype=float32 device=cpu sol=false]
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
 DEFAULTS = dict(checkpoint=None, mode="ar", prompt="ROMEO:", max_new_tokens=64, block_length=32, threshold=0.9,
-                temperature=0.0, top_p=1.0, seed=0, dtype="float32", device="cpu", sol=False)
+                thresholds=(0.9,), temperature=0.0, top_p=1.0, seed=0, dtype="float32", device="cpu", sol=False)
 
 
 def decode(model, mode: str, input_ids, max_new_tokens: int, block_length: int = 32, threshold: float = 0.9,
@@ -52,20 +53,24 @@ def _generated(out, P: int, n_new: Sequence[int]):
 
 
 def decode_table(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64, block_length: int = 32,
-                 threshold: float = 0.9, sol: bool = True) -> str:
-    """Decode ``prompts`` (one left-padded batch) in all four modes; a table of TPF, tokens/s and
-    whether the text equals AR's (greedy self-speculation must always say yes)."""
+                 thresholds: Sequence[float] = (0.9,), sol: bool = True) -> str:
+    """Decode ``prompts`` (one left-padded batch) in all four modes, diffusion once per confidence
+    threshold; a table of TPF, tokens/s and whether the text equals AR's (greedy self-speculation
+    must always say yes; diffusion need not)."""
     ids, mask = encode_batch(tokenizer, prompts, model.device)
     P = ids.shape[1]
     rows, ar_tokens = [], None
-    for mode in MODES:
-        out, nfe = decode(model, mode, ids, max_new_tokens, block_length, threshold, attention_mask=mask)
+    runs = [(m, thr) for m in MODES for thr in (thresholds if m == "diffusion" else (None,))]
+    for mode, thr in runs:
+        out, nfe = decode(model, mode, ids, max_new_tokens, block_length, thr if thr is not None else 0.9,
+                          attention_mask=mask)
         st = model.last_stats
         gen = _generated(out, P, st.new_tokens)
         if mode == "ar":
             ar_tokens = gen
         same = sum(g == a for g, a in zip(gen, ar_tokens))
-        rows.append((mode, f"{st.tpf:.2f}", f"{st.mean_accepted:.2f}", str(nfe), f"{st.tokens_per_s:.1f}",
+        name = f"{mode}@{thr:g}" if thr is not None else mode
+        rows.append((name, f"{st.tpf:.2f}", f"{st.mean_accepted:.2f}", str(nfe), f"{st.tokens_per_s:.1f}",
                      f"{same}/{len(prompts)}"))
     if sol and max_new_tokens % block_length == 0:
         from nld_train.inference.sol import sol_tpf
@@ -74,8 +79,8 @@ def decode_table(model, tokenizer, prompts: Sequence[str], max_new_tokens: int =
     head = ("mode", "TPF", "tok/draft", "NFE", "tokens/s", "text == AR")
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
     fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
-    lines = [f"decoding {len(prompts)} prompts, {max_new_tokens} new tokens, block {block_length}, "
-             f"diffusion threshold {threshold} (batch of {len(prompts)}, greedy)", fmt(head),
+    lines = [f"decoding {len(prompts)} prompts, {max_new_tokens} new tokens, block {block_length} "
+             f"(batch of {len(prompts)}, greedy; diffusion@t = confidence threshold t)", fmt(head),
              fmt(tuple("-" * w for w in widths))]
     lines += [fmt(r) for r in rows]
     lines.append("TPF = generated tokens / forward passes; tok/draft = tokens committed per draft/denoise "
@@ -99,6 +104,8 @@ def parse_args(argv: Sequence[str]) -> dict:
             v = int(v)
         elif isinstance(d, float):
             v = float(v)
+        elif isinstance(d, tuple):
+            v = tuple(float(x) for x in v.strip("[]()").split(",") if x.strip())
         args[k] = v
     if not args["checkpoint"]:
         raise ValueError("checkpoint=<run dir or step dir> is required")
@@ -125,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nld-generate: {e}", file=sys.stderr)
         return 2
     if a["mode"] == "all":
-        print(decode_table(model, tok, [a["prompt"]], a["max_new_tokens"], a["block_length"], a["threshold"],
+        print(decode_table(model, tok, [a["prompt"]], a["max_new_tokens"], a["block_length"], a["thresholds"],
                            sol=a["sol"]))
         return 0
     ids, mask = encode_batch(tok, [a["prompt"]], model.device)

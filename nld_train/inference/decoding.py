@@ -21,6 +21,7 @@ Conventions shared by all modes:
 from __future__ import annotations
 
 import abc
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -71,6 +72,10 @@ class CommitPolicy(abc.ABC):
     def select(self, cand, conf, masked, step, n_init, offset):
         ...
 
+    def observe(self, logits, block):
+        """Called with the pass's ``logits [b,B,V]`` and input ``block [b,B]`` right before
+        :meth:`select`; a policy that needs more than the confidences (the learned sampler) keeps them."""
+
 
 def _top1(conf: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     conf = conf.masked_fill(~masked, float("-inf"))
@@ -105,6 +110,26 @@ class EvenSplitPolicy(CommitPolicy):
         return masked & (rank < k[:, None]), cand
 
 
+# -- LoRA drafter (spec §3.6) ---------------------------------------------------------------------
+def _uses_lora(fn):
+    """``lora=`` (None, a LoRA adapter or its folder): the adapter is attached for the call and is
+    active only in draft passes (``_block``; the quadratic decoder gates it per token), never in the
+    causal prefill / verify / KV-write passes, so the verifier stays the plain model."""
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kw):
+        if kw.get("lora") is None or kw.get("lora") is False:
+            return fn(self, *args, **kw)
+        from nld_train.lora import as_adapter
+        adapter = as_adapter(kw["lora"], self)
+        with adapter.attached(self):
+            self._use_lora(adapter)
+            try:
+                return fn(self, *args, **kw)
+            finally:
+                self._use_lora(None)
+    return wrapper
+
+
 # -- the mixin -----------------------------------------------------------------------------------
 def _left_padded(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]):
     if input_ids.dim() == 1:
@@ -125,6 +150,15 @@ class DecodingMixin:
     """``ar_generate``, ``generate``, ``linear_spec_generate``, ``quadratic_spec_generate``."""
 
     last_stats: Optional[DecodeStats] = None
+    _lora = None          # the LoRA adapter attached for the current call (see _uses_lora)
+
+    def _use_lora(self, adapter) -> None:
+        # a plain attribute: nn.Module.__setattr__ would register the adapter as a submodule (state_dict)
+        object.__setattr__(self, "_lora", adapter)
+
+    def _lora_gate(self, gate) -> None:
+        if self._lora is not None:
+            self._lora.gate = gate
 
     # -- shared helpers ---------------------------------------------------------------------------
     def _eos(self, eos_token_id) -> Optional[int]:
@@ -135,6 +169,7 @@ class DecodingMixin:
     def _causal(self, ids, cache: KVCache, new_valid=None, update=True, logits_to_keep=0):
         """Causal pass of new tokens over the cache; commits them when ``update``."""
         b, s = ids.shape
+        self._lora_gate(None)
         start = cache.lengths()[:, None]
         steps = torch.arange(s, device=ids.device)[None] if new_valid is None else \
             (new_valid.long().cumsum(1) - 1).clamp(min=0)
@@ -147,6 +182,7 @@ class DecodingMixin:
     def _block(self, ids, cache: KVCache):
         """Bidirectional pass of one block over the cache; the cache is not updated."""
         s = ids.shape[1]
+        self._lora_gate(True)
         pos = cache.lengths()[:, None] + torch.arange(s, device=ids.device)[None]
         return self(ids, pos, M.block_mask(cache.key_valid(), s), cache, update_cache=False)
 
@@ -261,7 +297,7 @@ class DecodingMixin:
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, block_length=32, threshold=0.9, attention_mask=None,
                  temperature=0.0, top_p=1.0, eos_token_id=None, generator=None, causal_context=True,
-                 policy: Optional[CommitPolicy] = None):
+                 policy: Optional[CommitPolicy] = None, sampler=None):
         """Block diffusion with a KV cache (spec §3.2).
 
         Per block: [AR seed, MASK x (B-1)] (all MASK without ``causal_context``); denoise passes
@@ -269,6 +305,9 @@ class DecodingMixin:
         threshold rule, or HF's even split when ``threshold=None``) until no mask is left or the row
         wrote an EOS with no mask before it; then one causal KV-write pass whose last logit seeds the
         next block. NFE counts denoise and KV-write passes, not the prefill.
+
+        ``sampler`` (a learned sampler or its folder, docs/addons.md): commit where the sampler's
+        score is >= ``threshold`` (at least one position per pass) instead of the LM's confidence.
         """
         if max_new_tokens % block_length:
             raise ValueError(f"max_new_tokens ({max_new_tokens}) must be a multiple of block_length "
@@ -276,6 +315,11 @@ class DecodingMixin:
         t0 = time.perf_counter()
         input_ids, valid = _left_padded(input_ids.to(self.device), attention_mask)
         eos, mask_id = self._eos(eos_token_id), self.config.mask_token_id
+        if sampler is not None:
+            if policy is not None or threshold is None:
+                raise ValueError("sampler= needs a threshold and no policy= (it is the commit policy)")
+            from nld_train.inference.sampler import LearnedSamplerPolicy, as_sampler
+            policy = LearnedSamplerPolicy(as_sampler(sampler, self), threshold)
         if policy is None:
             policy = EvenSplitPolicy(block_length) if threshold is None else ThresholdPolicy(threshold)
         b, P = input_ids.shape
@@ -311,6 +355,7 @@ class DecodingMixin:
                 row_nfe += masked.any(1)
                 cand = self._pick(logits, temperature, top_p, generator)
                 conf = self._confidence(logits, cand)
+                policy.observe(logits, block)
                 commit, tokens = policy.select(cand, conf, masked, step, n_init, k * block_length)
                 commit &= masked
                 block = torch.where(commit, tokens, block)
@@ -335,17 +380,19 @@ class DecodingMixin:
         return self._finish(input_ids, gen, n_new, eos, stats, t0)
 
     # -- 3.4 linear self-speculation ----------------------------------------------------------------
+    @_uses_lora
     @torch.no_grad()
     def linear_spec_generate(self, input_ids, max_new_tokens, block_length=32, threshold=0.0,
                              attention_mask=None, temperature=0.0, top_p=1.0, eos_token_id=None,
-                             generator=None):
+                             generator=None, lora=None):
         """Diffusion draft + causal verify per cycle (spec §3.4), batched.
 
         Cycle: block = [next, MASK x (B-1)] at the row's cache length L0; draft (bidirectional, no
         cache update; ``threshold = 0`` fills all masks in one pass, else iterate the threshold rule);
         verify (causal, cache updated); accept the longest prefix where the verifier's argmax equals
         the next draft token, plus the verifier's bonus token; crop the row's cache to L0 + accepted.
-        Greedy output equals ``ar_generate`` token for token. NFE counts the prefill.
+        Greedy output equals ``ar_generate`` token for token. NFE counts the prefill. ``lora``: a
+        LoRA drafter (adapter or folder) active in the draft passes only.
         """
         t0 = time.perf_counter()
         input_ids, valid = _left_padded(input_ids.to(self.device), attention_mask)
@@ -395,9 +442,10 @@ class DecodingMixin:
         return self._finish(input_ids, gen, n_new, eos, stats, t0)
 
     # -- 3.5 quadratic self-speculation ----------------------------------------------------------
+    @_uses_lora
     @torch.no_grad()
     def quadratic_spec_generate(self, input_ids, max_new_tokens, block_length=32, attention_mask=None,
-                                temperature=0.0, top_p=1.0, eos_token_id=None, generator=None):
+                                temperature=0.0, top_p=1.0, eos_token_id=None, generator=None, lora=None):
         """One forward per cycle verifies the current draft and drafts every possible next block
         (spec §3.5), batched.
 
@@ -406,6 +454,7 @@ class DecodingMixin:
         follows if d_0..d_g are accepted. Accept d_0 and then d_i while AR(after d_{i-1}) == d_i;
         store the accepted anchors' keys; the next draft is [AR after the last accepted anchor ;
         that group's diffusion predictions]. The first pass fuses the prefill with the first draft.
+        ``lora``: a LoRA drafter active on the mask tokens only (anchors are verifier tokens).
         """
         t0 = time.perf_counter()
         input_ids, valid = _left_padded(input_ids.to(self.device), attention_mask)
@@ -421,6 +470,7 @@ class DecodingMixin:
         plen = valid.sum(1)
         pos = torch.cat([(valid.long().cumsum(1) - 1).clamp(min=0),
                          plen[:, None] + torch.arange(B, device=dev)[None]], 1)
+        self._lora_gate((torch.arange(P + B, device=dev) >= P)[None].expand(b, -1))  # the block only
         logits = self(x, pos, M.prefix_block_mask(cache.key_valid(), valid, B), cache, update_cache=False)
         cache.commit(P, valid=valid)  # the prompt's keys are a plain causal prefill: keep them
         stats.nfe = 1
@@ -437,6 +487,7 @@ class DecodingMixin:
             x[:, :, 0] = d
             # anchor d_g at C+g, its masks at C+g+1 .. C+g+B
             pos = C[:, None] + g_off // W + g_off % W
+            self._lora_gate((g_off % W != 0)[None].expand(b, -1))     # masks on, anchors off
             hidden = self(x.view(b, B * W), pos, M.quadratic_mask(cache.key_valid(), B), cache,
                           update_cache=False, return_hidden=True).view(b, B, W, -1)
             stats.nfe += 1

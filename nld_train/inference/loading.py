@@ -9,7 +9,6 @@ needs megatron; the model and decoding files do not.
 from __future__ import annotations
 
 import dataclasses
-import re
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -20,67 +19,8 @@ from nld_train.checkpoint import read_meta
 from nld_train.inference.decoding import NLDForDecoding
 from nld_train.inference.model import NLDConfig
 
-# megatron name -> plain (HF Llama) name(s), and how the tensor is transformed. Both megatron layer
-# specs are listed: the local one (CPU) and Transformer Engine's, which fuses the pre-norms into
-# the following linear layer (``layer_norm_weight``). ``{i}`` = layer index.
-MEGATRON_TO_PLAIN = (
-    ("embedding.word_embeddings.weight", "model.embed_tokens.weight", "vocab_rows"),
-    ("output_layer.weight", "lm_head.weight", "vocab_rows"),
-    ("decoder.final_layernorm.weight", "model.norm.weight", "copy"),
-    ("decoder.layers.{i}.input_layernorm.weight", "model.layers.{i}.input_layernorm.weight", "copy"),
-    ("decoder.layers.{i}.self_attention.linear_qkv.layer_norm_weight",
-     "model.layers.{i}.input_layernorm.weight", "copy"),
-    ("decoder.layers.{i}.self_attention.linear_qkv.weight",
-     ("model.layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.k_proj.weight",
-      "model.layers.{i}.self_attn.v_proj.weight"), "qkv"),
-    ("decoder.layers.{i}.self_attention.linear_proj.weight", "model.layers.{i}.self_attn.o_proj.weight", "copy"),
-    ("decoder.layers.{i}.pre_mlp_layernorm.weight", "model.layers.{i}.post_attention_layernorm.weight", "copy"),
-    ("decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight",
-     "model.layers.{i}.post_attention_layernorm.weight", "copy"),
-    ("decoder.layers.{i}.mlp.linear_fc1.weight",
-     ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"), "fc1"),
-    ("decoder.layers.{i}.mlp.linear_fc2.weight", "model.layers.{i}.mlp.down_proj.weight", "copy"),
-)
-
-
-def _split_qkv(w: torch.Tensor, cfg: NLDConfig):
-    """Megatron's fused QKV rows are grouped per KV group: [q x (heads/groups), k, v] per group."""
-    g, hd = cfg.num_key_value_heads, cfg.head_dim
-    rep = cfg.num_attention_heads // g
-    w = w.view(g, (rep + 2) * hd, -1)
-    q, k, v = w.split([rep * hd, hd, hd], 1)
-    return q.reshape(g * rep * hd, -1), k.reshape(g * hd, -1), v.reshape(g * hd, -1)
-
-
-def convert_megatron_state_dict(sd: dict, cfg: NLDConfig) -> dict:
-    """A TP=1 megatron state dict -> the plain model's state dict (every target filled exactly once)."""
-    rules = []
-    for src, dst, how in MEGATRON_TO_PLAIN:
-        pattern = re.compile("^" + re.escape(src).replace(r"\{i\}", r"(\d+)") + "$")
-        rules.append((pattern, dst, how))
-    out = {}
-    for name, t in sd.items():
-        if name.endswith("_extra_state"):
-            continue
-        for pattern, dst, how in rules:
-            m = pattern.match(name)
-            if not m:
-                continue
-            fmt = (lambda s: s.format(i=m.group(1))) if m.groups() else (lambda s: s)
-            t = t.detach()
-            if how == "copy":
-                parts = {fmt(dst): t}
-            elif how == "vocab_rows":          # drop the rows padded in for tensor parallelism
-                parts = {fmt(dst): t[: cfg.vocab_size]}
-            elif how == "qkv":
-                parts = dict(zip(map(fmt, dst), _split_qkv(t, cfg)))
-            else:                              # fc1 = [gate ; up]
-                parts = dict(zip(map(fmt, dst), t.chunk(2, 0)))
-            out.update({k: v.clone() for k, v in parts.items()})
-            break
-        else:
-            raise KeyError(f"no mapping for megatron parameter {name!r}")
-    return out
+# the megatron -> plain name/transform table lives with the HF conversion (one table for both)
+from nld_train.checkpoint.hf.mapping import MEGATRON_TO_PLAIN, convert_megatron_state_dict  # noqa: E402,F401
 
 
 def nld_config_from_model_config(m, eos_token_id: Optional[int] = None, block_size: int = 32) -> NLDConfig:
@@ -93,7 +33,8 @@ def nld_config_from_model_config(m, eos_token_id: Optional[int] = None, block_si
         num_key_value_heads=m.num_query_groups, head_dim=m.kv_channels, rms_norm_eps=m.norm_epsilon,
         rope_theta=m.rope_theta, rope_scaling=None if not rs or rs.get("type") == "none" else rs,
         query_scaling_beta=m.query_scaling_beta, max_position_embeddings=m.max_position_embeddings,
-        mask_token_id=m.mask_token_id, eos_token_id=eos_token_id, block_size=block_size)
+        mask_token_id=m.mask_token_id, eos_token_id=eos_token_id, block_size=block_size,
+        attention_bias=getattr(m, "qkv_bias", False))
 
 
 def from_megatron(model, model_cfg, eos_token_id: Optional[int] = None, block_size: int = 32,
@@ -139,17 +80,38 @@ def resolve_checkpoint(path) -> Path:
     """A run dir / checkpoints dir / step dir -> step dir; a CheckpointError (a ValueError) otherwise."""
     from nld_train.checkpoint import CheckpointError, resolve
     p = Path(path)
-    if (p / "config.json").is_file() and not (p / "checkpoints").exists():
-        raise CheckpointError(f"{p} looks like an HF export folder; loading HF exports is not implemented yet "
-                              "(load it with transformers and trust_remote_code=True once nld-convert exists)")
+    if is_hf_folder(p):
+        raise CheckpointError(f"{p} is an HF model folder, not a training checkpoint (load_model reads it; "
+                              "to train from it, convert it with nld-convert from-hf)")
     try:
         return resolve(p)
     except CheckpointError as e:
         raise CheckpointError(f"{p} is not an nld-train checkpoint (a run dir or a step folder): {e}") from None
 
 
+def is_hf_folder(path) -> bool:
+    """An HF model folder (config.json, e.g. an nld-convert to-hf export), not a run dir."""
+    p = Path(path)
+    return (p / "config.json").is_file() and not (p / "checkpoints").exists()
+
+
+def load_hf_folder(path, device="cpu", dtype=None) -> NLDForDecoding:
+    """An HF folder (our export, or a Llama/Mistral/Qwen2/Ministral-3/NLD model whose config or
+    tokenizer names a mask token) -> the plain decoder, without transformers' model classes."""
+    from nld_train.checkpoint.hf.importer import read_hf_folder
+    cfg, sd, _, _ = read_hf_folder(path, tokenizer=False)
+    plain = NLDForDecoding(cfg)
+    plain.load_state_dict(sd, strict=True)
+    plain = plain.to(device=device or "cpu", dtype=dtype or torch.float32).eval()
+    plain.requires_grad_(False)
+    plain.checkpoint_path = str(path)
+    return plain
+
+
 def tokenizer_path(path) -> str:
     """The tokenizer folder a checkpoint was trained with (its config's tokenizer.path)."""
+    if is_hf_folder(path):
+        return str(path)
     step_dir = resolve_checkpoint(path)
     tok = (_run_config(step_dir, read_meta(step_dir)).get("tokenizer") or {}).get("path")
     if not tok:
@@ -158,12 +120,14 @@ def tokenizer_path(path) -> str:
 
 
 def load_model(path, device="cpu", dtype=None) -> NLDForDecoding:
-    """A training checkpoint (run dir or step dir) -> the plain decoder with the decoding modes.
+    """A training checkpoint (run dir or step dir) or an HF folder -> the plain decoder with the decoding modes.
 
     Builds the megatron model at TP=1 (a 1-process gloo/nccl group is started if none exists), loads
     the weights only (megatron reshards any saved TP layout), and copies them into the plain model.
     The caller's RNG state is left as it was.
     """
+    if is_hf_folder(path):
+        return load_hf_folder(path, device, dtype)
     step_dir = resolve_checkpoint(path)
     meta = read_meta(step_dir)
     conf = _run_config(step_dir, meta)
@@ -189,7 +153,10 @@ def load_model(path, device="cpu", dtype=None) -> NLDForDecoding:
         if ps.get_tensor_model_parallel_world_size() != 1:
             raise ValueError("load_model builds a TP=1 model; call it outside a TP > 1 process group")
         from nld_train.model.gpt import build_model
-        model = build_model(mcfg, ParallelConfig(), mcfg.max_position_embeddings, seed=0)
+        # the vocabulary padded as the saving run padded it (128 x its TP), whatever TP that was
+        saved_padded = (meta.get("model_shape") or {}).get("padded_vocab_size")
+        build_cfg = dataclasses.replace(mcfg, make_vocab_size_divisible_by=saved_padded) if saved_padded else mcfg
+        model = build_model(build_cfg, ParallelConfig(), mcfg.max_position_embeddings, seed=0)
         ckpt.load(step_dir, model, None, restore_rng=False)
         plain = from_megatron(model, mcfg, eos, block, device=device, dtype=dtype)
         del model

@@ -43,6 +43,7 @@ class NLDConfig:
     mask_token_id: int = 1
     eos_token_id: Optional[int] = 0
     block_size: int = 32                   # training block size (decoding default comes from the call)
+    attention_bias: bool = False           # biases on q/k/v (Qwen2 family); o_proj never has one
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -195,9 +196,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.nh, self.ng, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.ng * self.hd, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.ng * self.hd, bias=False)
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.ng * self.hd, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.ng * self.hd, bias=bias)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, qscale, attn_mask, cache: Optional[KVCache]):

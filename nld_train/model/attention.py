@@ -16,15 +16,19 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from nld_train.dist import capabilities
-from nld_train.objective.masks import causal_mask_mod, joint_attention_mask, joint_mask_mod
+from nld_train.objective.masks import (causal_attention_mask, causal_mask_mod, joint_attention_mask,
+                                       joint_mask_mod, packed_attention_mask, packed_mask_mod)
 
 
 @dataclass
 class AttentionInputs:
     kind: str                              # "causal" or "joint"
-    dense: Optional[torch.Tensor] = None   # [S, S] bool, True = may attend (SDPA path)
+    dense: Optional[torch.Tensor] = None   # [S, S] or packed [b, 1, S, S] bool, True = may attend (SDPA)
     block_mask: object = None              # FlexAttention BlockMask (flex path)
-    query_scale: Optional[torch.Tensor] = None  # [S] fp32, Llama-4 scaling; None = 1
+    query_scale: Optional[torch.Tensor] = None  # [S] (packed: [b, S]) fp32, Llama-4 scaling; None = 1
+    # joint SDPA: the clean half is plain causal and sees no noisy key (checked on ``dense``), so it
+    # runs SDPA's causal kernel and only the noisy queries use the mask rows dense[:L]
+    split_clean: bool = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,9 +37,33 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+BACKENDS = ("auto", "sdpa", "flex")
+
+
+def select_backend(kind: str, caps=None) -> str:
+    """The fastest correct backend for ``kind`` on this device (``caps``: :func:`capabilities`).
+
+    Measured with ``scripts/bench/attention.py`` (docs/performance.md): the causal layout always
+    uses SDPA's own causal kernel (flash on CUDA). The joint mask uses the compiled FlexAttention
+    block mask on CUDA (fully masked tiles skipped: ~1/4 of the 2L x 2L tiles are computed) and
+    masked SDPA on CPU (clean half with the causal kernel, noisy half with its mask rows), where
+    FlexAttention has no backward and its eager forward materialises the scores (several times
+    slower than SDPA).
+    """
+    caps = capabilities() if caps is None else caps
+    if kind not in ("causal", "joint"):
+        raise ValueError(f"unknown attention kind {kind!r}")
+    return "flex" if kind == "joint" and caps.cuda else "sdpa"
+
+
 def build_attention_inputs(kind: str, seq_len: int, block_size: int, backend: str, device,
                            query_scale: Optional[torch.Tensor] = None) -> AttentionInputs:
-    """Masks for one layout. ``seq_len`` is L (the joint layout has 2L tokens)."""
+    """Masks for one layout. ``seq_len`` is L (the joint layout has 2L tokens). ``backend`` is one
+    of :data:`BACKENDS`; "auto" = :func:`select_backend`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = select_backend(kind)
     if kind == "causal":  # stage 1: plain causal over L tokens, SDPA's own causal kernel
         return AttentionInputs("causal", query_scale=query_scale)
     if kind != "joint":
@@ -45,21 +73,50 @@ def build_attention_inputs(kind: str, seq_len: int, block_size: int, backend: st
         bm = create_block_mask(joint_mask_mod(seq_len, block_size), None, None, 2 * seq_len,
                                2 * seq_len, device=device)
         return AttentionInputs("joint", block_mask=bm, query_scale=query_scale)
-    return AttentionInputs("joint", dense=joint_attention_mask(seq_len, block_size, device=device),
+    dense = joint_attention_mask(seq_len, block_size, device=device)
+    n = seq_len  # the predicate decides; the split is used only when its clean rows are plain causal
+    split = not dense[n:, :n].any() and torch.equal(dense[n:, n:], causal_attention_mask(n, device=device))
+    return AttentionInputs("joint", dense=dense, query_scale=query_scale, split_clean=bool(split))
+
+
+def build_packed_attention_inputs(kind: str, document_ids: torch.Tensor, block_size: int, backend: str,
+                                  query_scale: Optional[torch.Tensor] = None) -> AttentionInputs:
+    """Masks for packed rows (``document_ids`` [b, L]): the layout's mask restricted to each document
+    (:func:`nld_train.objective.masks.packed_allowed`). Built per micro-batch, never cached."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = select_backend(kind)
+    b, n = document_ids.shape
+    s = 2 * n if kind == "joint" else n
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+        bm = create_block_mask(packed_mask_mod(kind, document_ids, block_size), b, None, s, s,
+                               device=document_ids.device)
+        return AttentionInputs(kind, block_mask=bm, query_scale=query_scale)
+    return AttentionInputs(kind, dense=packed_attention_mask(kind, document_ids, block_size)[:, None],
                            query_scale=query_scale)
 
 
 def attend(q, k, v, spec: AttentionInputs, scale=None, compiled_flex: bool = False):
     """q [b, h, s, d], k/v [b, g, s, d] (GQA) -> [b, h, s, d]."""
     if spec.query_scale is not None:
-        q = q * spec.query_scale.to(q.dtype)[None, None, :, None]
+        qs = spec.query_scale.to(q.dtype)
+        q = q * (qs[:, None, :, None] if qs.dim() == 2 else qs[None, None, :, None])
     if spec.block_mask is not None:
         if compiled_flex:
             return _compiled_flex()(q, k, v, block_mask=spec.block_mask, scale=scale, enable_gqa=True)
         from torch.nn.attention.flex_attention import flex_attention
         return flex_attention(q, k, v, block_mask=spec.block_mask, scale=scale, enable_gqa=True)
-    if spec.kind == "causal":
+    if spec.kind == "causal" and spec.dense is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    if spec.split_clean:  # ~1.3-2x faster than one dense [2L, 2L] call on CPU (docs/performance.md)
+        n = q.shape[2] // 2
+        clean = F.scaled_dot_product_attention(q[:, :, n:], k[:, :, n:], v[:, :, n:], is_causal=True,
+                                               scale=scale, enable_gqa=True)
+        noisy = F.scaled_dot_product_attention(q[:, :, :n], k, v, attn_mask=spec.dense[:n], scale=scale,
+                                               enable_gqa=True)
+        return torch.cat([noisy, clean], 2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=spec.dense, scale=scale, enable_gqa=True)
 
 

@@ -20,7 +20,8 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from nld_train.config import ModelConfig, ParallelConfig, padded_vocab_size
 from nld_train.dist import capabilities
-from nld_train.model.attention import AttentionInputs, NLDCoreAttention, build_attention_inputs
+from nld_train.model.attention import (AttentionInputs, NLDCoreAttention, build_attention_inputs,
+                                       build_packed_attention_inputs)
 from nld_train.model.rope import query_scale, rope_inv_freq
 
 
@@ -65,9 +66,7 @@ class NLDGPTModel(GPTModel):
         """Cached masks for one layout (L = ``seq_len``); built from the shared mask predicate."""
         key = (kind, seq_len, block_size, str(device))
         if key not in self._mask_cache:
-            backend = self.nld.attention_backend
-            if backend == "auto":
-                backend = "flex" if capabilities().cuda and kind == "joint" else "sdpa"
+            backend = self.nld.attention_backend  # "auto": attention.select_backend per device
             qs = None
             if self.nld.query_scaling_beta:
                 pos = torch.arange(seq_len, device=device)
@@ -76,6 +75,15 @@ class NLDGPTModel(GPTModel):
                                  self.nld.rope_scaling.original_max_position_embeddings)
             self._mask_cache[key] = build_attention_inputs(kind, seq_len, block_size, backend, device, qs)
         return self._mask_cache[key]
+
+    def packed_attention_inputs(self, kind: str, document_ids, position_ids, block_size: int) -> AttentionInputs:
+        """Masks for packed rows (``document_ids`` [b, L]; ``position_ids`` [b, S] restart in every
+        document, so the query scale follows them); one per micro-batch."""
+        qs = None
+        if self.nld.query_scaling_beta:
+            qs = query_scale(position_ids, self.nld.query_scaling_beta,
+                             self.nld.rope_scaling.original_max_position_embeddings)
+        return build_packed_attention_inputs(kind, document_ids, block_size, self.nld.attention_backend, qs)
 
     def _preprocess(self, input_ids, position_ids, *args, **kwargs):
         # megatron's "rope" uses arange(S); rebuild the angles from position_ids [B, S]
@@ -114,7 +122,7 @@ def transformer_config(m: ModelConfig, p: ParallelConfig) -> TransformerConfig:
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size, kv_channels=m.kv_channels,
         normalization="RMSNorm", layernorm_epsilon=m.norm_epsilon, gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=m.qkv_bias, hidden_dropout=0.0, attention_dropout=0.0,
         init_method_std=m.init_method_std, params_dtype=torch.float32,
         # full weights are drawn from the torch seed and then split: every TP layout starts from
         # the same weights (what makes TP=1 vs TP=2 comparisons exact)
@@ -125,6 +133,37 @@ def transformer_config(m: ModelConfig, p: ParallelConfig) -> TransformerConfig:
         bias_activation_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
     )
+
+
+def _checkpointed(module: torch.nn.Module) -> None:
+    """Recompute ``module`` in backward: only its inputs are kept (torch non-reentrant checkpoint,
+    RNG state and autocast replayed). Training with gradients only; parameter names unchanged."""
+    from torch.utils.checkpoint import checkpoint
+    forward = module.forward
+
+    def recomputed(*args, **kwargs):
+        if module.training and torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    module.forward = recomputed
+
+
+def apply_recompute(model: GPTModel, p: ParallelConfig) -> None:
+    """parallel.recompute (validated in nld_train.config). Megatron's own recompute
+    (TransformerConfig.recompute_granularity) is not used: in megatron-core 0.16.1 its checkpoint
+    reads the CUDA RNG unconditionally (no CPU) and keeps its arguments with save_for_backward,
+    which cannot hold the AttentionInputs object that the layers pass as attention mask."""
+    if p.recompute == "none":
+        return
+    for layer in model.decoder.layers:
+        if p.recompute == "full":  # megatron's full/uniform/1 layer: keep each layer's input only
+            _checkpointed(layer)
+            continue
+        if "core_attn" in p.recompute_modules:
+            _checkpointed(layer.self_attention.core_attention)
+        if "mlp" in p.recompute_modules:
+            _checkpointed(layer.mlp)
 
 
 def build_model(m: ModelConfig, p: ParallelConfig, max_seq_length: int, seed: int) -> NLDGPTModel:
@@ -143,4 +182,5 @@ def build_model(m: ModelConfig, p: ParallelConfig, max_seq_length: int, seed: in
         max_sequence_length=max(max_seq_length, m.max_position_embeddings),
         position_embedding_type="rope", rotary_base=int(m.rope_theta),
         share_embeddings_and_output_weights=False, parallel_output=True, nld=m)
+    apply_recompute(model, p)
     return model.to(caps.device)

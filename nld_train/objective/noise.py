@@ -26,7 +26,7 @@ def noise_seed(base_seed: int, sample_index: int) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & _MASK63
 
 
-def maskable_positions(loss_mask: torch.Tensor) -> torch.Tensor:
+def maskable_positions(loss_mask: torch.Tensor, packed: bool = False) -> torch.Tensor:
     """Token positions that may be masked, from a LABEL-aligned ``loss_mask`` [b, L] -> bool.
 
     ``loss_mask[:, i]`` says whether ``labels[:, i] = tokens[:, i+1]`` is a target, so token i is
@@ -35,9 +35,15 @@ def maskable_positions(loss_mask: torch.Tensor) -> torch.Tensor:
     Thus pretraining (all ones) masks every position, and a sequence that starts with a prompt
     never masks position 0. This fixes the public Megatron off-by-one (label mask applied to
     token positions).
+
+    ``packed=True`` (packed SFT rows, which always begin with a document): token 0 is the first
+    token of a document, the target of nothing, so it is never masked. Inside a row the data already
+    zeroes ``loss_mask`` across document boundaries, so a document's first token is never masked
+    either: only answer tokens ever are.
     """
     lm = loss_mask != 0
-    return torch.cat([lm[:, :1], lm[:, :-1]], dim=1)
+    first = torch.zeros_like(lm[:, :1]) if packed else lm[:, :1]
+    return torch.cat([first, lm[:, :-1]], dim=1)
 
 
 @dataclass

@@ -2,6 +2,10 @@
 
 The model is called as ``ce = model(input_ids, position_ids, attention=kind, targets)`` and
 returns per-token cross-entropy [b, S] (S = L for AR, 2L for joint); everything else is here.
+
+Packed rows (SFT: several conversations per row) also bring ``document_ids`` [b, L] and per-document
+``position_ids`` [b, L]; the attention then never crosses documents (``masks.packed_allowed``) and
+each conversation's positions start at 0, as if it were alone in its row.
 """
 from __future__ import annotations
 
@@ -27,17 +31,25 @@ class Prepared:
     p: torch.Tensor | None           # [b] masking probability per row (joint only)
     n_ar: torch.Tensor               # 0-dim float: Σ loss_mask
     n_diff: torch.Tensor             # 0-dim float: number of masked positions (0 for AR)
+    document_ids: torch.Tensor | None = None  # [b, L] packed rows: attention stays inside a document
 
 
-def _check_batch(tokens, labels, loss_mask, sample_indices) -> None:
+def _check_batch(tokens, labels, loss_mask, sample_indices, document_ids=None, position_ids=None) -> None:
     if tokens.dim() != 2 or labels.shape != tokens.shape or loss_mask.shape != tokens.shape:
         raise ValueError(f"tokens, labels and loss_mask must all be [b, L], got {tuple(tokens.shape)}, "
                          f"{tuple(labels.shape)}, {tuple(loss_mask.shape)}")
     if len(sample_indices) != tokens.shape[0]:
         raise ValueError(f"need one sample index per row: {len(sample_indices)} for {tokens.shape[0]} rows")
+    if (document_ids is None) != (position_ids is None):
+        raise ValueError("packed rows need both document_ids and position_ids (or neither)")
+    for name, t in (("document_ids", document_ids), ("position_ids", position_ids)):
+        if t is not None and t.shape != tokens.shape:
+            raise ValueError(f"{name} must be [b, L] = {list(tokens.shape)}, got {list(t.shape)}")
 
 
-def _positions(b: int, L: int, device) -> torch.Tensor:
+def _positions(b: int, L: int, device, position_ids=None) -> torch.Tensor:
+    if position_ids is not None:
+        return position_ids.to(device=device, dtype=torch.long)
     return torch.arange(L, device=device).repeat(b, 1)
 
 
@@ -52,7 +64,8 @@ class Objective:
             raise ValueError(f"loss weights must be >= 0, got alpha={alpha}, ar_weight={ar_weight}")
         self.alpha, self.ar_weight, self.normalization = float(alpha), float(ar_weight), normalization
 
-    def prepare(self, tokens, labels, loss_mask, sample_indices) -> Prepared:
+    def prepare(self, tokens, labels, loss_mask, sample_indices, document_ids=None,
+                position_ids=None) -> Prepared:
         raise NotImplementedError
 
     def sums(self, ce: torch.Tensor, prepared: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,13 +86,14 @@ class ARObjective(Objective):
     def __init__(self, ar_weight: float = 1.0, normalization: str = "combined"):
         super().__init__(alpha=0.0, ar_weight=ar_weight, normalization=normalization)
 
-    def prepare(self, tokens, labels, loss_mask, sample_indices) -> Prepared:
-        _check_batch(tokens, labels, loss_mask, sample_indices)
+    def prepare(self, tokens, labels, loss_mask, sample_indices, document_ids=None,
+                position_ids=None) -> Prepared:
+        _check_batch(tokens, labels, loss_mask, sample_indices, document_ids, position_ids)
         b, L = tokens.shape
         lm = loss_mask.to(device=tokens.device, dtype=torch.float32)
-        return Prepared(input_ids=tokens, position_ids=_positions(b, L, tokens.device), attention="causal",
-                        targets=labels, loss_mask=lm, masked=None, p=None, n_ar=lm.sum(),
-                        n_diff=torch.zeros((), device=tokens.device))
+        return Prepared(input_ids=tokens, position_ids=_positions(b, L, tokens.device, position_ids),
+                        attention="causal", targets=labels, loss_mask=lm, masked=None, p=None, n_ar=lm.sum(),
+                        n_diff=torch.zeros((), device=tokens.device), document_ids=document_ids)
 
     def sums(self, ce, prepared):
         if ce.shape != prepared.loss_mask.shape:
@@ -102,16 +116,18 @@ class JointObjective(Objective):
             raise ValueError(f"eps must be in (0, 1), got {eps}")
         self.mask_token_id, self.block_size, self.eps, self.seed = int(mask_token_id), block_size, eps, int(seed)
 
-    def prepare(self, tokens, labels, loss_mask, sample_indices) -> Prepared:
-        _check_batch(tokens, labels, loss_mask, sample_indices)
+    def prepare(self, tokens, labels, loss_mask, sample_indices, document_ids=None,
+                position_ids=None) -> Prepared:
+        _check_batch(tokens, labels, loss_mask, sample_indices, document_ids, position_ids)
         b, L = tokens.shape
         if L % self.block_size != 0:
             raise ValueError(f"sequence length {L} must be a multiple of block_size {self.block_size}")
         # Seeds come from global sample indices, so noise does not depend on the batch split.
         seeds = [noise_seed(self.seed, int(i)) for i in sample_indices]
-        nt = sample_noise(tokens, maskable_positions(loss_mask), self.mask_token_id, seeds, self.eps)
+        maskable = maskable_positions(loss_mask, packed=document_ids is not None)
+        nt = sample_noise(tokens, maskable, self.mask_token_id, seeds, self.eps)
         lm = loss_mask.to(device=tokens.device, dtype=torch.float32)
-        pos = _positions(b, L, tokens.device)
+        pos = _positions(b, L, tokens.device, position_ids)
         return Prepared(
             input_ids=torch.cat([nt.noisy, tokens], dim=1),
             position_ids=torch.cat([pos, pos], dim=1),  # both halves 0..L-1 (same RoPE per half)
@@ -119,7 +135,8 @@ class JointObjective(Objective):
             # noisy half: the clean token at the SAME position (unshifted, spec §1.5);
             # clean half: the next token (standard AR).
             targets=torch.cat([tokens, labels], dim=1),
-            loss_mask=lm, masked=nt.masked, p=nt.p, n_ar=lm.sum(), n_diff=nt.masked.sum().float())
+            loss_mask=lm, masked=nt.masked, p=nt.p, n_ar=lm.sum(), n_diff=nt.masked.sum().float(),
+            document_ids=document_ids)
 
     def sums(self, ce, prepared):
         L = prepared.loss_mask.shape[1]

@@ -60,18 +60,26 @@ def _hms(s: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def train_flops_per_token(m, seq_len: int, joint: bool) -> float:
-    """Model FLOPs per *data* token for forward+backward (PaLM-style 6N + 12·layers·d·S).
+def train_flops_per_token(m, seq_len: int, joint: bool, block_size: int = 0, tp: int = 1) -> float:
+    """Model FLOPs of forward + backward per *data* token, counted the way Megatron-LM's
+    ``num_floating_point_operations`` counts them (tested against a transcription of it):
+    every GEMM three times (forward, wgrad, dgrad) at 2 FLOPs per multiply-add, QKV / out / SwiGLU
+    MLP / logits over the padded vocabulary, and attention only over the key positions the mask
+    lets a query see (causal: S/2 keys per token; embeddings, norms and softmax not counted).
 
-    The joint layout processes 2L tokens per L data tokens, so its cost per data token doubles
-    (plus the longer attention).
+    The joint layout runs 2L tokens per L data tokens, so every GEMM counts twice; its mask lets
+    the L clean tokens see L/2 keys on average and the L noisy tokens (L + B)/2 (their own block
+    plus the clean blocks before it): L + B/2 keys per data token against L/2 for AR.
+    ``block_size`` B matters only for ``joint``; ``tp`` only through the vocabulary padding.
     """
-    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
+    from nld_train.config import padded_vocab_size
+    h = m.hidden_size
+    head_dim = m.kv_channels or h // m.num_attention_heads
     q, kv = m.num_attention_heads * head_dim, m.num_query_groups * head_dim
-    per_layer = m.hidden_size * (q + 2 * kv) + q * m.hidden_size + 3 * m.hidden_size * m.ffn_hidden_size
-    n = m.num_layers * per_layer + m.hidden_size * m.vocab_size  # output layer; embedding is a lookup
-    s = 2 * seq_len if joint else seq_len
-    return (6 * n + 12 * m.num_layers * q * s) * s / seq_len
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * m.ffn_hidden_size   # QKV, out proj, gate/up + down
+    linear = m.num_layers * per_layer + h * padded_vocab_size(m, tp)    # + logits; embedding is a lookup
+    copies, keys = (2, seq_len + block_size / 2) if joint else (1, seq_len / 2)
+    return 6 * (copies * linear + m.num_layers * 2 * q * keys)          # attention: QK^T and AV
 
 
 def gpu_peak_flops() -> Optional[float]:

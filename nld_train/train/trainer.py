@@ -41,7 +41,7 @@ class Trainer:
     def __init__(self, cfg: Config):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-        from nld_train.data import MegatronTokenizer, build_gpt_datasets, check_mask_token, load_tokenizer
+        from nld_train.data import MegatronTokenizer, build_datasets, check_mask_token, load_tokenizer
         from nld_train.model.gpt import build_model
         from nld_train.objective import build_objective
 
@@ -50,6 +50,12 @@ class Trainer:
                                        cfg.parallel.timeout_minutes, seed=t.seed)
         validate(cfg, self.layout.world_size)
         self.caps = capabilities()
+        if cfg.parallel.distributed_optimizer:
+            # megatron-core 0.16.1's DistributedOptimizer accepts only torch.cuda.* parameters, and
+            # nld-train does not wire it into its optimizer/checkpoint path yet: refuse, never ignore
+            raise ConfigError("parallel.distributed_optimizer=true is not supported by this trainer yet "
+                              f"({'CUDA' if self.caps.cuda else 'CPU: megatron-core 0.16.1 shards only CUDA parameters'}); "
+                              "it is a planner option (train.dry_run=true) for now: set parallel.distributed_optimizer=false")
         self.device = torch.device(self.caps.device)
         self.rank0 = self.layout.rank == 0
         self.run_dir = Path(cfg.run.dir)
@@ -62,9 +68,10 @@ class Trainer:
             raise DataError(f"tokenizer {cfg.tokenizer.path} has {len(self.tokenizer)} tokens but "
                              f"model.vocab_size is {cfg.model.vocab_size}")
         check_mask_token(self.tokenizer, cfg.model.mask_token_id)
-        from nld_train.data import parse_data_path, validate_indexed_prefix
-        for prefix in parse_data_path(cfg.data.path)[0]:  # before the (possibly large) model is built
-            validate_indexed_prefix(prefix)
+        from nld_train.data import check_data, describe
+        # before the (possibly large) model is built: intact files, the same vocabulary, loss masks iff SFT
+        data_summary = check_data(cfg.data.path, self.tokenizer, cfg.data.format)
+        self._log(describe(data_summary, cfg.data.format, t.max_steps * t.global_batch_size * t.seq_length))
 
         self.model = build_model(cfg.model, cfg.parallel, t.seq_length, t.seed)
         self.ddp = DistributedDataParallel(self.model.config,
@@ -107,9 +114,9 @@ class Trainer:
             self._log(f"initialised weights from {src}")
 
         n_valid = t.eval_iters * t.global_batch_size if t.eval_interval > 0 else 0
-        self.train_ds, self.valid_ds = build_gpt_datasets(
-            cfg.data.path, MegatronTokenizer(self.tokenizer), t.seq_length, self.train_samples, n_valid, t.seed,
-            cfg.data.split, cfg.data.cache_dir or str(self.run_dir / "data_cache"))
+        self.train_ds, self.valid_ds = build_datasets(
+            cfg.data, MegatronTokenizer(self.tokenizer), t.seq_length, self.train_samples, n_valid, t.seed,
+            cfg.data.cache_dir or str(self.run_dir / "data_cache"), o.block_size if o.name == "joint" else 1)
 
         self.metrics = MetricsLog(self.run_dir, self.step) if self.rank0 else None
         if self.rank0:
@@ -124,7 +131,8 @@ class Trainer:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
             self.async_queue = AsyncCallsQueue(persistent=False)  # persistent workers need CUDA
         self.preemption = Preemption()
-        self.flops_per_token = train_flops_per_token(cfg.model, t.seq_length, o.name == "joint")
+        self.flops_per_token = train_flops_per_token(cfg.model, t.seq_length, o.name == "joint", o.block_size,
+                                                    self.layout.tp)
         self.peak_flops = gpu_peak_flops() if self.precision == "bf16" else None  # MFU vs the bf16 peak
 
     def _check_config_change(self, meta: dict, path) -> None:
@@ -160,10 +168,12 @@ class Trainer:
         for start in range(first, first + per_rank, t.micro_batch_size):
             idx = list(range(start, start + t.micro_batch_size))
             b = get_samples(dataset, idx)
-            yield idx, {k: b[k].to(self.device) for k in ("tokens", "labels", "loss_mask")}
+            packed = ("document_ids", "position_ids") if "document_ids" in b else ()  # SFT rows
+            yield idx, {k: b[k].to(self.device) for k in ("tokens", "labels", "loss_mask", *packed)}
 
     def _prepare(self, dataset, step: int):
-        preps = [self.objective.prepare(b["tokens"], b["labels"], b["loss_mask"], idx)
+        preps = [self.objective.prepare(b["tokens"], b["labels"], b["loss_mask"], idx,
+                                        b.get("document_ids"), b.get("position_ids"))
                  for idx, b in self._micro_batches(dataset, step)]
         # the normaliser: token counts of the whole global batch (all micro-batches, all DP ranks)
         counts = torch.stack([sum(p.n_ar for p in preps), sum(p.n_diff for p in preps)]).float()
@@ -176,8 +186,11 @@ class Trainer:
 
     def _forward(self, prep):
         """Per-token cross-entropy [b, S] for one prepared micro-batch."""
-        L = self.cfg.train.seq_length
-        attn = self.model.attention_inputs(prep.attention, L, self.cfg.objective.block_size, self.device)
+        L, bs = self.cfg.train.seq_length, self.cfg.objective.block_size
+        if prep.document_ids is not None:  # packed SFT rows: this micro-batch's masks
+            attn = self.model.packed_attention_inputs(prep.attention, prep.document_ids, prep.position_ids, bs)
+        else:
+            attn = self.model.attention_inputs(prep.attention, L, bs, self.device)
         with self._autocast():
             return self.ddp(prep.input_ids, prep.position_ids, attn, labels=prep.targets)
 
@@ -290,6 +303,9 @@ class Trainer:
                 row["mfu"] = self.flops_per_token * row["tokens_per_s"] / (self.peak_flops * self.layout.world_size)
             if t.eval_interval and self.step % t.eval_interval == 0:
                 row.update(self.evaluate())
+            if self.cfg.eval.interval and self.step % self.cfg.eval.interval == 0 and self.rank0:
+                from nld_train.eval.hook import eval_during_training  # benchmarks (docs/evaluation.md)
+                row.update(eval_during_training(self))
             if self.rank0:
                 self.metrics.write(row)
                 self.wandb.log(row)
@@ -348,7 +364,7 @@ def end_of_run_decoding(trainer: Trainer) -> None:
         trainer._log(f"--- AR sample (greedy, {t.sample_tokens} tokens) ---\n{t.sample_prompt}{text}\n---")
     if t.decode_prompts:
         trainer._log(decode_table(dec, tok, list(t.decode_prompts), max_new_tokens=t.decode_tokens,
-                                  block_length=cfg.objective.block_size))
+                                  block_length=cfg.objective.block_size, thresholds=list(t.decode_thresholds)))
 
 
 def run(cfg: Config) -> None:

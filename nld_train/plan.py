@@ -1,0 +1,198 @@
+"""Dry-run planner: ``nld-train recipe=... train.dry_run=true nodes=N [gpus_per_node=8]``.
+
+Prints what a layout costs before it burns a cluster-week: parameters, memory per GPU, FLOPs per
+token (stage 1 AR and stage 2 joint, the same formula as the trainer's MFU), steps, tokens and time
+for the token budget at an assumed MFU. A layout whose estimate does not fit in
+``plan.gpu_memory_gb - plan.reserve_gb`` is refused (exit 2) with a layout or memory option that
+would fit (distributed optimizer, recomputation, a larger TP). No torch import: it runs anywhere.
+
+The memory model is what *this* trainer allocates on CUDA (estimates, not measurements):
+- weights fp32 (4 B/param: bf16 autocast keeps fp32 parameters), gradients fp32 (4 B: megatron
+  DDP buffer, grad_reduce_in_fp32), AdamW moments fp32 (8 B), none of them sharded over DP;
+- activations kept for backward per layer and token (bf16 = 2 B unless noted): the two norm inputs
+  on the fp32 residual stream (2 x 4h), the two norm outputs (2 x 2h), Q/K/V (2(q + 2kv)), the
+  attention output (2q; flash/flex attention keep no S x S matrix), the SwiGLU inputs (2 x 2f) and
+  the down-projection input (2f): 12h + 2(q+2kv) + 2q + 6f bytes; q, kv and f are split by TP, the
+  h terms only with sequence parallelism; tokens per micro-batch = MBS x L (AR) or 2L (joint);
+- logits: MBS x tokens x padded vocab / TP x 10 B (bf16 logits, their fp32 copy, the saved softmax);
+- parallel.recompute=full: per layer only its input (4h, fp32 residual) is kept, plus one layer's
+  activations alive while it is recomputed; selective with "mlp": the MLP's 6f/TP are not kept
+  (one layer's worth while recomputing); "core_attn" saves nothing here (flash/flex attention keep
+  no S x S matrix; it matters only on the dense CPU path);
+- parallel.distributed_optimizer: the AdamW moments (8 B/param) split over DP ranks (megatron's
+  DistributedOptimizer; fp32 parameters are their own master copy, the fp32 grad buffer stays whole;
+  the trainer refuses this option for now, so it is a what-if).
+Not modelled: pipeline parallelism (nld-train has none), the CPU path.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from nld_train.config import Config, ModelConfig, padded_vocab_size
+from nld_train.observability import train_flops_per_token
+
+GB = 1e9
+
+
+def head_dims(m: ModelConfig) -> tuple[int, int]:
+    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
+    return m.num_attention_heads * head_dim, m.num_query_groups * head_dim
+
+
+def parameter_count(m: ModelConfig, tp: int = 1) -> dict:
+    """Parameters of the model as nld-train builds it (untied embedding and output layer, no
+    biases), in total and on one tensor-parallel rank (vocabulary padded for ``tp``)."""
+    h, f, n = m.hidden_size, m.ffn_hidden_size, m.num_layers
+    q, kv = head_dims(m)
+    vocab = padded_vocab_size(m, tp)
+    split = n * (h * (q + 2 * kv) + q * h + 3 * h * f) + 2 * h * vocab  # layers, embedding, output
+    norms = n * 2 * h + h                                              # replicated on every rank
+    return {"total": split + norms, "per_gpu": split / tp + norms, "padded_vocab": vocab}
+
+
+@dataclass
+class Memory:
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    logits: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations + self.logits
+
+
+def memory_per_gpu(cfg: Config, tp: int | None = None, recompute: str | None = None,
+                   distributed_optimizer: bool | None = None, recompute_modules=None) -> Memory:
+    """Bytes per GPU (see the module docstring for the model). ``tp`` other than the configured size:
+    what that size would need, with sequence parallelism on as in the parallel=tpN presets; the
+    other arguments override parallel.recompute / distributed_optimizer / recompute_modules."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    if tp is None or tp == p.tensor_model_parallel_size:
+        tp, sp = p.tensor_model_parallel_size, p.sequence_parallel
+    else:
+        sp = tp > 1
+    recompute = p.recompute if recompute is None else recompute
+    modules = p.recompute_modules if recompute_modules is None else recompute_modules
+    dist_opt = p.distributed_optimizer if distributed_optimizer is None else distributed_optimizer
+    dp = cfg.nodes * cfg.gpus_per_node // tp
+    params = parameter_count(m, tp)["per_gpu"]
+    q, kv = head_dims(m)
+    h, f = m.hidden_size, m.ffn_hidden_size
+    sp_div = tp if sp else 1
+    per_token_layer = 12 * h / sp_div + (2 * (q + 2 * kv) + 2 * q + 6 * f) / tp
+    if recompute == "full":  # layer inputs kept, one layer's activations live at a time
+        kept = m.num_layers * 4 * h / sp_div + per_token_layer
+    elif recompute == "selective" and "mlp" in modules:
+        kept = m.num_layers * (per_token_layer - 6 * f / tp) + 6 * f / tp
+    else:
+        kept = m.num_layers * per_token_layer
+    tokens = t.micro_batch_size * t.seq_length * (2 if cfg.objective.name == "joint" else 1)
+    final_norm = 4 * h / sp_div
+    return Memory(weights=4 * params, grads=4 * params, optimizer=8 * params / (dp if dist_opt else 1),
+                  activations=tokens * (kept + final_norm),
+                  logits=tokens * padded_vocab_size(m, tp) / tp * 10)
+
+
+# what the refusal suggests, cheapest first: (overrides, recompute, recompute_modules, distributed_optimizer)
+_OPTIONS = [("parallel.distributed_optimizer=true", "none", [], True),
+            ("parallel.recompute=selective parallel.recompute_modules=[mlp]", "selective", ["mlp"], False),
+            ("parallel.distributed_optimizer=true parallel.recompute=selective parallel.recompute_modules=[mlp]",
+             "selective", ["mlp"], True),
+            ("parallel.recompute=full", "full", [], False),
+            ("parallel.distributed_optimizer=true parallel.recompute=full", "full", [], True)]
+
+
+def _suggest(cfg: Config, budget: float) -> str:
+    """Ways to fit: memory options at the configured TP, else the smallest TP (with options)."""
+    p = cfg.parallel
+    def fit(tp, rc, mods, do):
+        return memory_per_gpu(cfg, tp, rc, do, mods).total / GB
+    for tp in [p.tensor_model_parallel_size] + [x for x in _tp_options(cfg) if x > p.tensor_model_parallel_size]:
+        layout = "" if tp == p.tensor_model_parallel_size else f"parallel=tp{tp} "
+        if tp != p.tensor_model_parallel_size and fit(tp, "none", [], False) <= budget:
+            return f"parallel.tensor_model_parallel_size={tp} (parallel=tp{tp}) fits ({fit(tp, 'none', [], False):.1f} GB)"
+        for text, rc, mods, do in _OPTIONS:  # (what is already set does not fit: never suggested)
+            if fit(tp, rc, mods, do) <= budget:
+                return f"{layout}{text} fits ({fit(tp, rc, mods, do):.1f} GB)"
+    return ("no tensor-parallel size up to gpus_per_node fits, even with recomputation and the distributed "
+            "optimizer; lower train.micro_batch_size or train.seq_length")
+
+
+def _tp_options(cfg: Config) -> list[int]:
+    m = cfg.model
+    return [tp for tp in (1, 2, 4, 8) if tp <= cfg.gpus_per_node and not m.num_attention_heads % tp
+            and not m.num_query_groups % tp and not m.ffn_hidden_size % tp
+            and (tp == 1 or not cfg.train.seq_length % tp)
+            and not (cfg.nodes * cfg.gpus_per_node) % tp]
+
+
+def _fmt_time(s: float) -> str:
+    d, rem = divmod(s, 86400)
+    return f"{int(d)} d {rem / 3600:.1f} h" if d else f"{s / 3600:.1f} h"
+
+
+def plan(cfg: Config) -> tuple[str, bool]:
+    """(report, fits)."""
+    m, t, o, pl = cfg.model, cfg.train, cfg.objective, cfg.plan
+    world = cfg.nodes * cfg.gpus_per_node
+    tp = cfg.parallel.tensor_model_parallel_size
+    dp = world // tp
+    joint = o.name == "joint"
+    pc = parameter_count(m, tp)
+    mem = memory_per_gpu(cfg)
+    budget = pl.gpu_memory_gb - pl.reserve_gb
+    fits = mem.total / GB <= budget
+    f_ar = train_flops_per_token(m, t.seq_length, False, tp=tp)
+    f_joint = train_flops_per_token(m, t.seq_length, True, o.block_size, tp)
+    f_run = f_joint if joint else f_ar
+    tokens_per_step = t.global_batch_size * t.seq_length
+    tokens = t.max_steps * tokens_per_step
+    rate = world * pl.peak_tflops * 1e12 * pl.mfu  # model FLOP/s of the whole job
+    step_s = f_run * tokens_per_step / rate
+    micro = t.global_batch_size // (t.micro_batch_size * dp)
+    seq = f"{2 * t.seq_length} (2L joint)" if joint else str(t.seq_length)
+    lines = [
+        f"plan: recipe={cfg.recipe} model={m.name} objective={o.name}"
+        + (f" (alpha {o.alpha}, block {o.block_size})" if joint else ""),
+        f"  layout      {cfg.nodes} node(s) x {cfg.gpus_per_node} GPUs = {world}; TP {tp}"
+        f"{' + SP' if cfg.parallel.sequence_parallel else ''}, DP {dp}; batch {t.global_batch_size} x {t.seq_length}"
+        f" = {t.micro_batch_size} x {micro} micro-batches x DP {dp}",
+        f"  parameters  {pc['total'] / 1e9:.2f} B total ({2 * m.hidden_size * pc['padded_vocab'] / 1e9:.2f} B "
+        f"embedding + output), {pc['per_gpu'] / 1e9:.2f} B per GPU",
+        f"  memory/GPU  weights {mem.weights / GB:.1f} GB (fp32) + grads {mem.grads / GB:.1f} GB (fp32) + "
+        f"Adam {mem.optimizer / GB:.1f} GB (fp32, "
+        f"{f'sharded over DP {dp}: distributed optimizer' if cfg.parallel.distributed_optimizer else 'not sharded'})",
+        f"              + activations {mem.activations / GB:.1f} GB (micro-batch {t.micro_batch_size} x {seq} "
+        f"tokens, recompute {cfg.parallel.recompute}"
+        f"{' ' + ','.join(cfg.parallel.recompute_modules) if cfg.parallel.recompute == 'selective' else ''})"
+        f" + logits {mem.logits / GB:.1f} GB",
+        f"              = {mem.total / GB:.1f} GB of {budget:.0f} GB usable ({pl.gpu_memory_gb:.0f} GB - "
+        f"{pl.reserve_gb:.0f} GB reserve): {'fits' if fits else 'DOES NOT FIT'}",
+        f"  FLOPs/token {f_ar / 1e9:.1f} GFLOP stage 1 (AR), {f_joint / 1e9:.1f} GFLOP stage 2 (joint, "
+        f"{f_joint / f_ar:.2f}x AR); fwd+bwd per data token, Megatron-LM counting",
+        f"  budget      {t.max_steps:,} steps x {tokens_per_step:,} tokens = {tokens / 1e9:,.1f} B tokens; "
+        f"{f_run * tokens:.3e} FLOPs",
+        f"  time        {_fmt_time(step_s * t.max_steps)} at MFU {pl.mfu:.0%} of {pl.peak_tflops:.0f} TFLOP/s "
+        f"per GPU ({step_s:.2f} s/step, {tokens_per_step / step_s / world:,.0f} tokens/s/GPU), "
+        f"{step_s * t.max_steps * world / 3600:,.0f} GPU-hours",
+    ]
+    if not fits:
+        hint = _suggest(cfg, budget)
+        lines.append(f"refused: {mem.total / GB:.1f} GB per GPU exceeds {budget:.0f} GB; {hint}")
+    return "\n".join(lines), fits
+
+
+def dry_run(cfgs: list[Config]) -> int:
+    """Print the plan of every stage; 0 if all fit, 2 if any is refused."""
+    rc = 0
+    for cfg in cfgs:
+        report, fits = plan(cfg)
+        print(report, flush=True)
+        if not fits:
+            rc = 2
+    if rc:
+        print("nld-train: plan refused: the layout does not fit in GPU memory (see above)", file=sys.stderr)
+    return rc

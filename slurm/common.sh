@@ -1,0 +1,53 @@
+# Shared by slurm/*.sbatch (sourced, not run). Everything here can be overridden from the
+# environment of `sbatch` (it exports the submitting shell's environment by default). See
+# docs/slurm.md for the list.
+
+nld_log() { echo "[nld-slurm $(date +%Y-%m-%dT%H:%M:%S) job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}] $*"; }
+nld_die() { nld_log "error: $*" >&2; exit 2; }
+
+[[ -n ${SLURM_JOB_ID:-} ]] || nld_die "run this script with sbatch (SLURM_JOB_ID is not set)"
+
+# A site file for what only the cluster knows (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, module loads...).
+if [[ -n ${NLD_ENV_FILE:-} ]]; then
+  [[ -f $NLD_ENV_FILE ]] || nld_die "NLD_ENV_FILE=$NLD_ENV_FILE does not exist"
+  # shellcheck disable=SC1090
+  source "$NLD_ENV_FILE"
+fi
+
+# The Python that has nld-train installed (inside the container when NLD_CONTAINER_IMAGE is set).
+NLD_PYTHON=${NLD_PYTHON:-python}
+
+# --- CUDA / NCCL defaults for H100 + InfiniBand; each one only if not already set --------------
+# One hardware queue per device: megatron-core orders TP/SP communication behind compute.
+: "${CUDA_DEVICE_MAX_CONNECTIONS:=1}"
+# A failed or timed-out collective raises (and ends the job) instead of hanging until the limit.
+: "${TORCH_NCCL_ASYNC_ERROR_HANDLING:=1}"
+# Dump the state of in-flight collectives when the NCCL watchdog fires (post-mortem of hangs).
+: "${TORCH_NCCL_DUMP_ON_TIMEOUT:=1}"
+# Frees tensors used by collectives without recordStream (megatron-core's recommendation).
+: "${TORCH_NCCL_AVOID_RECORD_STREAMS:=1}"
+: "${NCCL_DEBUG:=WARN}"
+# InfiniBand retry timeout exponent (4.096 us * 2^22 ~ 17 s): survives short fabric hiccups.
+: "${NCCL_IB_TIMEOUT:=22}"
+# CPU threads per rank (the data path and the optimizer are GPU work; more threads oversubscribe)
+: "${OMP_NUM_THREADS:=1}"
+export CUDA_DEVICE_MAX_CONNECTIONS TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_NCCL_DUMP_ON_TIMEOUT \
+  TORCH_NCCL_AVOID_RECORD_STREAMS NCCL_DEBUG NCCL_IB_TIMEOUT OMP_NUM_THREADS
+
+# --- logs: the batch log is --output; per-node / per-rank logs go to NLD_LOG_DIR -----------------
+NLD_LOG_DIR=${NLD_LOG_DIR:-logs}/${SLURM_JOB_NAME:-nld}-${SLURM_JOB_ID}
+mkdir -p "$NLD_LOG_DIR" || nld_die "cannot create the log folder $NLD_LOG_DIR"
+
+# --- containers (pyxis), optional: only the srun line gets the flags ------------------------------
+NLD_CONTAINER_ARGS=()
+if [[ -n ${NLD_CONTAINER_IMAGE:-} ]]; then
+  NLD_CONTAINER_ARGS=(--container-image="$NLD_CONTAINER_IMAGE"
+                      --container-mounts="${NLD_CONTAINER_MOUNTS:-$PWD:$PWD}"
+                      --container-workdir="$PWD")
+fi
+
+nld_describe() {
+  nld_log "nodes=${SLURM_JOB_NODELIST:-?} (${SLURM_NNODES:-1}) cwd=$PWD python=$NLD_PYTHON" \
+          "container=${NLD_CONTAINER_IMAGE:-none} logs=$NLD_LOG_DIR"
+  nld_log "args: $*"
+}

@@ -1,0 +1,109 @@
+"""The code sandbox holds: hostile programs are contained, honest ones pass, nothing is left behind.
+
+The strongest checks (own uid, private /tmp, network and PID namespaces) need root, as on CI; as a
+non-root user only what the jail then promises is checked (see docs/evaluation.md).
+"""
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from nld_train.eval.sandbox import SandboxLimits, isolation, run_python
+
+FAST = SandboxLimits(timeout_s=3, cpu_s=3, memory_mb=512)
+ROOT = os.geteuid() == 0
+
+
+def _uid_procs(uid):
+    out = subprocess.run(["ps", "-o", "pid=", "-u", str(uid)], capture_output=True, text=True).stdout
+    return out.split()
+
+
+def test_honest_programs_pass_and_failures_fail():
+    ok = run_python("def add(a, b):\n    return a + b\nassert add(1, 2) == 3\nprint('fine')\n", FAST)
+    assert ok.passed and "fine" in ok.stdout
+    bad = run_python("assert 1 + 1 == 3\n", FAST)
+    assert bad.status == "failed" and "AssertionError" in bad.stderr
+    syntax = run_python("def broken(:\n", FAST)
+    assert syntax.status == "failed" and "SyntaxError" in syntax.stderr
+
+
+def test_infinite_loop_is_killed_at_the_limits():
+    t0 = time.perf_counter()
+    r = run_python("while True:\n    pass\n", FAST)
+    assert r.status == "timeout"
+    assert time.perf_counter() - t0 < 15
+    sleeper = run_python("import time\ntime.sleep(60)\n", SandboxLimits(timeout_s=1.5))
+    assert sleeper.status == "timeout" and sleeper.seconds < 10
+
+
+def test_huge_allocation_fails_inside():
+    r = run_python("x = bytearray(8 << 30)\nprint('allocated')\n", FAST)
+    assert r.status == "failed" and "MemoryError" in r.stderr and "allocated" not in r.stdout
+
+
+def test_fork_bomb_is_contained_and_nothing_survives():
+    prog = ("import os, time\n"
+            "for _ in range(200):\n"
+            "    try:\n"
+            "        if os.fork() == 0:\n"
+            "            os.setsid()\n"            # try to leave the process group
+            "            time.sleep(120)\n"
+            "            os._exit(0)\n"
+            "    except OSError:\n"
+            "        print('fork refused')\n"
+            "        break\n"
+            "print('parent exits')\n")
+    r = run_python(prog, FAST)
+    assert "fork refused" in r.stdout          # RLIMIT_NPROC stops it
+    if ROOT:
+        assert _uid_procs(r.isolation["uid"]) == []   # sleeping children killed with the run
+
+
+def test_writes_outside_the_work_dir_fail_or_stay_private(tmp_path):
+    """os and subprocess may not write into the evaluator's folders; /tmp writes are private."""
+    target = tmp_path / "owned_by_the_evaluator"
+    target.mkdir()
+    tag = uuid.uuid4().hex
+    prog = (f"import os, subprocess\n"
+            f"open('/tmp/escape_{tag}', 'w').write('x')\n"
+            f"for path in ['{target}/a', '{Path.cwd()}/escape_{tag}', '{Path.home()}/escape_{tag}']:\n"
+            f"    try:\n"
+            f"        fd = os.open(path, os.O_WRONLY | os.O_CREAT)\n"
+            f"        print('WROTE', path)\n"
+            f"    except OSError as e:\n"
+            f"        print('denied', path, e.errno)\n"
+            f"subprocess.run(['sh', '-c', 'echo x > {target}/b; echo x > /tmp/sub_{tag}'])\n"
+            f"open('local_file', 'w').write('inside the work dir is fine')\n")
+    r = run_python(prog, FAST)
+    assert r.passed, r.stderr
+    assert "WROTE" not in r.stdout and r.stdout.count("denied") == 3
+    assert list(target.iterdir()) == []
+    assert not (Path.cwd() / f"escape_{tag}").exists() and not (Path.home() / f"escape_{tag}").exists()
+    if ROOT:  # a private tmpfs: the evaluator's /tmp never sees the files
+        assert not Path(f"/tmp/escape_{tag}").exists() and not Path(f"/tmp/sub_{tag}").exists()
+    else:
+        for p in (f"/tmp/escape_{tag}", f"/tmp/sub_{tag}"):
+            Path(p).unlink(missing_ok=True)
+
+
+@pytest.mark.skipif(not ROOT, reason="the network and PID namespaces, uid switch need root")
+def test_root_isolation_network_and_processes():
+    info = isolation()
+    assert info["network_isolated"] and info["private_tmp"] and info["pid_namespace"] and info["own_uid"]
+    r = run_python("import socket\ns = socket.create_connection(('1.1.1.1', 80), timeout=3)\n", FAST)
+    assert r.status == "failed" and "unreachable" in r.stderr.lower()
+    r = run_python("import os\nprint(os.getuid(), sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n", FAST)
+    uid, procs = r.stdout.split(" ", 1)
+    assert int(uid) == r.isolation["uid"] != 0 and procs.strip() == "[1, 2]"   # its init and itself
+    if Path("/etc/shadow").exists():   # root-only files stay closed
+        r = run_python("print(open('/etc/shadow').read())\n", FAST)
+        assert r.status == "failed" and "PermissionError" in r.stderr
+
+
+def test_output_flood_is_capped():
+    r = run_python("while True:\n    print('x' * 4096)\n", FAST)
+    assert not r.passed and len(r.stdout) <= 2000

@@ -1,0 +1,119 @@
+"""Dry-run planner (nld_train/plan.py) and the FLOPs formula it shares with the trainer's MFU."""
+import pytest
+
+from nld_train.cli import load_config, main
+from nld_train.config import ModelConfig, padded_vocab_size
+from nld_train.observability import train_flops_per_token
+from nld_train.plan import memory_per_gpu, parameter_count
+
+SIZES = {"nld_3b": "tp2", "nld_8b": "tp4", "nld_14b": "tp8"}
+
+
+def megatron_lm_flops(m: ModelConfig, seq_length: int, batch_size: int, tp: int = 1) -> float:
+    """Megatron-LM ``num_floating_point_operations`` (megatron/training/training.py,
+    ``transformer_flops``), transcribed for a dense GQA SwiGLU model without MoE / MTP / MLA."""
+    kv_channels = m.kv_channels or m.hidden_size // m.num_attention_heads
+    query_projection_size = kv_channels * m.num_attention_heads
+    key_projection_size = value_projection_size = kv_channels * m.num_query_groups
+    fwd_bwd, fma, ffn_expansion = 3, 2, 3
+    self_attn = fwd_bwd * fma * (
+        m.hidden_size * (query_projection_size + key_projection_size + value_projection_size)
+        + query_projection_size * seq_length / 2 * 2
+        + query_projection_size * m.hidden_size)
+    return batch_size * seq_length * (
+        fwd_bwd * fma * m.hidden_size * m.ffn_hidden_size * ffn_expansion * m.num_layers
+        + self_attn * m.num_layers
+        + fwd_bwd * fma * m.hidden_size * padded_vocab_size(m, tp))
+
+
+def _model(name):
+    # stage1 reads no corpus (data.path unset): composing it is quick
+    return load_config(["recipe=stage1", f"model={name}", "parallel=single", "train.seq_length=64",
+                        "train.dry_run=true"]).model
+
+
+@pytest.mark.parametrize("name", ["micro", "nld_3b", "nld_8b", "nld_14b"])
+@pytest.mark.parametrize("seq", [64, 4096])
+def test_ar_flops_equal_megatron_lm(name, seq):
+    m = _model(name)
+    for tp in (1, 4):
+        ref = megatron_lm_flops(m, seq, batch_size=3, tp=tp) / (3 * seq)
+        assert train_flops_per_token(m, seq, joint=False, tp=tp) == pytest.approx(ref, rel=1e-12)
+
+
+@pytest.mark.parametrize("L,B", [(64, 16), (128, 32), (96, 96)])
+def test_joint_flops_count_the_joint_mask(L, B):
+    """Joint = every GEMM twice (2L tokens per L data tokens) + attention over exactly the (query,
+    key) pairs the joint mask allows; like Megatron's S/2 for causal, the diagonal half-pairs of the
+    causal parts (L/2 in total) are not counted."""
+    from nld_train.objective.masks import joint_attention_mask
+    m = _model("nld_8b")
+    pairs = int(joint_attention_mask(L, B).sum())
+    assert pairs == L * (2 * L + 1 + B) // 2
+    q = m.num_attention_heads * m.kv_channels
+    linear = megatron_lm_flops(m, L, 1) / L - 6 * m.num_layers * q * L  # per token: AR minus its attention
+    expected = 2 * linear + 12 * m.num_layers * q * (pairs - L / 2) / L
+    assert train_flops_per_token(m, L, joint=True, block_size=B) == pytest.approx(expected, rel=1e-12)
+    ratio = train_flops_per_token(m, L, True, B) / train_flops_per_token(m, L, False)
+    assert 2.0 < ratio < 2.1  # "the joint step costs ~2x AR"
+
+
+def test_parameter_count_matches_the_built_model(dist1, one_thread):
+    """Planner's parameter count == the megatron model nld-train builds (micro, TP=1)."""
+    from nld_train.model.gpt import build_model
+    cfg = load_config(["recipe=stage1", "model=micro", "parallel=single", "train.seq_length=64",
+                       "train.dry_run=true"])
+    model = build_model(cfg.model, cfg.parallel, cfg.train.seq_length, seed=0)
+    built = sum(p.numel() for p in model.parameters())
+    assert parameter_count(cfg.model, 1)["total"] == built
+
+
+def test_published_sizes():
+    """Totals of the three shapes against the sizes published for the Ministral-3 bases (language
+    model only: 3.4B tied -> 3.8B with NLD's untied head, 8.4B, 13.5B)."""
+    got = {n: parameter_count(_model(n))["total"] / 1e9 for n in SIZES}
+    tied_3b = got["nld_3b"] - 131072 * 3072 / 1e9  # the base ties its head; NLD unties it in stage 1
+    assert tied_3b == pytest.approx(3.4, abs=0.05)
+    assert got["nld_8b"] == pytest.approx(8.4, abs=0.1)
+    assert got["nld_14b"] == pytest.approx(13.5, abs=0.05)
+
+
+@pytest.mark.parametrize("model", SIZES)
+@pytest.mark.parametrize("recipe", ["stage1", "stage2"])
+def test_dry_run_prints_plan(model, recipe, capsys):
+    rc = main([f"recipe={recipe}", f"model={model}", f"parallel={SIZES[model]}", "train.dry_run=true", "nodes=32"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    for word in ("parameters", "memory/GPU", "FLOPs/token", "steps", "GPU-hours", "fits"):
+        assert word in out
+    tokens = "1,000.0 B tokens" if recipe == "stage1" else "300.0 B tokens"
+    assert tokens in out
+    if recipe == "stage2":
+        assert "(2L joint)" in out
+
+
+def test_joint_activations_double():
+    a = load_config(["recipe=stage1", "train.dry_run=true", "nodes=32"])
+    j = load_config(["recipe=stage2", "train.dry_run=true", "nodes=32"])
+    ma, mj = memory_per_gpu(a), memory_per_gpu(j)
+    assert mj.activations == pytest.approx(2 * ma.activations) and mj.weights == ma.weights
+
+
+def test_layout_that_cannot_fit_is_refused(capsys):
+    rc = main(["recipe=stage2", "model=nld_14b", "parallel=single", "train.dry_run=true", "nodes=4"])
+    cap = capsys.readouterr()
+    assert rc == 2
+    assert "DOES NOT FIT" in cap.out and "refused:" in cap.out and "parallel=tp" in cap.out
+    assert "plan refused" in cap.err
+
+
+def test_impossible_layout_is_a_config_error(capsys):
+    # TP 8 does not divide a world of 1 node x 4 GPUs
+    rc = main(["recipe=stage2", "model=nld_14b", "parallel=tp8", "train.dry_run=true", "gpus_per_node=4"])
+    assert rc == 2
+    assert "parallel.tensor_model_parallel_size" in capsys.readouterr().err
+
+
+def test_plan_keys_are_validated(capsys):
+    assert main(["recipe=stage2", "train.dry_run=true", "plan.mfu=1.5"]) == 2
+    assert "plan.mfu" in capsys.readouterr().err

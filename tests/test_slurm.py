@@ -1,0 +1,175 @@
+"""slurm/*.sbatch against a real Slurm (scripts/local-slurm: slurmctld + slurmd + munge on this
+machine, 2 fake GPUs, CPU ranks on gloo).
+
+One private cluster per test module (own state dir and ports, so concurrent test runs do not share
+or stop each other's cluster). The first start installs the Debian packages (needs root and apt).
+"""
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, child_env
+
+pytestmark = pytest.mark.slow
+LOCAL_SLURM = REPO / "scripts" / "local-slurm"
+
+
+def _free_ports(n: int) -> int:
+    """A base port p with p .. p+n-1 free (slurmctld on p, the node's slurmd on p+1)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n >= 65000:
+            continue
+        try:
+            socks = []
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("0.0.0.0", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm needs root (true in the dev and CI containers)")
+    state = Path(f"/tmp/nld-slurm-test-{os.getpid()}")
+    env = child_env({"LOCAL_SLURM_DIR": str(state), "LOCAL_SLURM_PORT": str(_free_ports(2)),
+                     "LOCAL_SLURM_GPUS": "2", "OMP_NUM_THREADS": "1",
+                     # the jobs run this interpreter (the venv the tests run in)
+                     "NLD_PYTHON": sys.executable})
+    t0 = time.time()
+    start = subprocess.run([str(LOCAL_SLURM), "start"], env=env, capture_output=True, text=True, timeout=600)
+    assert start.returncode == 0, start.stdout + start.stderr
+    print(f"local-slurm start: {time.time() - t0:.1f}s")
+    out = subprocess.run([str(LOCAL_SLURM), "env"], env=env, check=True, capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        key, value = shlex.split(line.removeprefix("export "))[0].split("=", 1)
+        env[key] = value
+    yield env
+    stop = subprocess.run([str(LOCAL_SLURM), "stop"], env=env, capture_output=True, timeout=120)
+    if stop.returncode == 0:
+        shutil.rmtree(state, ignore_errors=True)  # our own state dir (config, spool, logs)
+
+
+def sbatch(env, workdir, script, *args, sbatch_opts=(), extra_env=None) -> str:
+    e = {**env, "NLD_MASTER_PORT": str(_free_ports(1)), **(extra_env or {})}
+    out = subprocess.run(["sbatch", "--parsable", f"--chdir={workdir}", *sbatch_opts, str(REPO / script), *args],
+                         cwd=REPO, env=e, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().split(";")[0]
+
+
+def wait(env, jid, timeout=240):
+    done = subprocess.run([str(LOCAL_SLURM), "wait", jid, str(timeout)], env=env, capture_output=True,
+                          text=True, timeout=timeout + 30)
+    return done.returncode, done.stdout + done.stderr
+
+
+def metric_steps(run_dir: Path) -> list:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(ln)["step"] for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def assert_checkpoint(run_dir: Path, step: int):
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == f"step_{step:08d}"
+    for name in ("nld_checkpoint.json", "metadata.json"):
+        assert (ckpts / f"step_{step:08d}" / name).is_file(), name
+
+
+def test_train_sbatch_completes_srun_launcher(slurm, tmp_path):
+    """One task per rank started by srun (NLD_LAUNCHER=srun): metrics, checkpoint, per-rank logs,
+    and the Hydra overrides arrive unchanged."""
+    run = tmp_path / "run"
+    jid = sbatch(slurm, tmp_path, "slurm/train.sbatch", "recipe=smoke", f"run.dir={run}", "train.max_steps=4",
+                 "objective.alpha=0.25", "wandb.name=a b", sbatch_opts=["--gpus-per-node=2", "--ntasks-per-node=2"],
+                 extra_env={"NLD_LAUNCHER": "srun"})
+    rc, out = wait(slurm, jid)
+    assert rc == 0, out
+    assert metric_steps(run) == [1, 2, 3, 4]
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] > 0 and r["tokens"] == r["step"] * 8 * 64 for r in rows)
+    assert_checkpoint(run, 4)
+    cfg = (run / "config.yaml").read_text()
+    assert "alpha: 0.25" in cfg and "name: a b" in cfg
+    logs = tmp_path / "logs" / f"nld-train-{jid}"
+    assert "world=2" in (logs / "rank-0.out").read_text()
+    assert (logs / "rank-1.out").exists()
+    assert "launcher=srun world=2" in (tmp_path / f"nld-train-{jid}.out").read_text()
+
+
+def test_train_sbatch_preempt_requeue_resume(slurm, tmp_path):
+    """USR1 to the batch shell -> SIGTERM to torchrun -> checkpoint, exit 75 (torchrun: 1) ->
+    scontrol requeue -> the second run resumes and finishes; every step is trained exactly once."""
+    run, max_steps = tmp_path / "run", 10
+    jid = sbatch(slurm, tmp_path, "slurm/train.sbatch", "recipe=smoke", f"run.dir={run}",
+                 f"train.max_steps={max_steps}", "checkpoint.interval=0", sbatch_opts=["--gpus-per-node=2"])
+    deadline = time.time() + 180
+    while len(metric_steps(run)) < 2:  # training is under way
+        assert time.time() < deadline, "no training steps within 180 s"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", jid], env=slurm, check=True)
+    rc, out = wait(slurm, jid, timeout=300)
+    assert rc == 0, out
+    batch_log = (tmp_path / f"nld-train-{jid}.out").read_text()
+    assert "preempted: requeueing job" in batch_log and "requeue failed" not in batch_log
+    assert f"job {jid} restart 1]" in batch_log  # the same job ran again (SLURM_RESTART_COUNT=1)
+    node_log = (tmp_path / "logs" / f"nld-train-{jid}" / "node-0.out").read_text()
+    m = re.search(r"preempted \(SIGTERM\): checkpoint at step (\d+) committed, exiting with code 75", node_log)
+    assert m, node_log[-3000:]
+    k = int(m.group(1))
+    assert 2 <= k < max_steps
+    assert f"resumed from {run}/checkpoints/step_{k:08d} at step {k}" in node_log
+    # progress lines of both runs (log_interval 1): each step trained once, none repeated or lost
+    trained = [int(s) for s in re.findall(rf"\[default0\]:step (\d+)/{max_steps} ", node_log)]
+    assert trained == list(range(1, max_steps + 1))
+    assert metric_steps(run) == list(range(1, max_steps + 1))
+    assert_checkpoint(run, max_steps)
+    assert (run / "checkpoints" / f"step_{k:08d}").is_dir()  # the preemption checkpoint (keep_last 2)
+
+
+def test_convert_sbatch_container_flags_and_args(slurm, tmp_path):
+    """NLD_CONTAINER_IMAGE adds the pyxis flags to srun (a stand-in srun records and drops them,
+    as local Slurm has no pyxis); arguments reach the command unchanged."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    real_srun = subprocess.run(["bash", "-c", "command -v srun"], env=slurm, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    (bin_dir / "srun").write_text(
+        "#!/bin/bash\nargs=()\nfor a in \"$@\"; do case $a in --container-*) echo \"$a\" >>\"$SRUN_CONTAINER_LOG\" ;;"
+        f" *) args+=(\"$a\") ;; esac; done\nexec {real_srun} \"${{args[@]}}\"\n")
+    (bin_dir / "fake-convert").write_text("#!/bin/bash\nprintf 'ARG<%s>\\n' \"$@\"\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{slurm['PATH']}", "SRUN_CONTAINER_LOG": str(tmp_path / "container.log"),
+           "NLD_CONTAINER_IMAGE": "nvcr.io#nvidia/pytorch:25.01-py3", "NLD_CONTAINER_MOUNTS": "/data:/data",
+           "NLD_CONVERT": str(bin_dir / "fake-convert")}
+    jid = sbatch(slurm, tmp_path, "slurm/convert.sbatch", "to-hf", "runs/a b", "out dir", "--tp", "2",
+                 extra_env=env)
+    rc, out = wait(slurm, jid, timeout=60)
+    assert rc == 0, out
+    log = (tmp_path / f"nld-convert-{jid}.out").read_text()
+    assert re.findall(r"ARG<(.*)>", log) == ["to-hf", "runs/a b", "out dir", "--tp", "2"]
+    assert (tmp_path / "container.log").read_text().splitlines() == [
+        "--container-image=nvcr.io#nvidia/pytorch:25.01-py3", "--container-mounts=/data:/data",
+        f"--container-workdir={tmp_path}"]

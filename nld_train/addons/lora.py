@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from nld_train.errors import DataError
 from nld_train.inference import masks as M
@@ -91,13 +89,10 @@ def generate_responses(cfg, model, data_dir, log=print) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from nld_train.addons.text import token_windows
+    from nld_train.addons.text import fresh_tmp_dir, token_windows
     lo, a = cfg.lora, cfg.addon
     out = Path(data_dir)
-    tmp = out.with_name(f"tmp.{out.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = fresh_tmp_dir(out)
     t0 = time.time()
     prompts = token_windows(cfg.data.path, lo.num_sequences, lo.prompt_length, cfg.train.seed + 17,
                             a.holdout_fraction, holdout=False)

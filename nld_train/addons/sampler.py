@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -108,13 +107,10 @@ def generate_sampler_data(cfg, model, data_dir, log=print) -> Path:
     import pyarrow.parquet as pq
     from safetensors.torch import save_file
 
-    from nld_train.addons.text import token_windows
+    from nld_train.addons.text import fresh_tmp_dir, token_windows
     s, a = cfg.sampler, cfg.addon
     out = Path(data_dir)
-    tmp = out.with_name(f"tmp.{out.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = fresh_tmp_dir(out)
     t0 = time.time()
     windows = token_windows(cfg.data.path, s.num_sequences, s.prompt_length + s.num_blocks * s.block_length,
                             cfg.train.seed, a.holdout_fraction, holdout=False)

@@ -10,6 +10,7 @@ The exact formats are written down in docs/evaluation.md.
 """
 from __future__ import annotations
 
+import abc
 import gzip
 import importlib.metadata as md
 import json
@@ -62,7 +63,7 @@ class Prompt:
     prefix_for_code: str = ""
 
 
-class Task:
+class Task(abc.ABC):
     name: str = ""
     default_shots: int = 0
     max_new_tokens: int = 256
@@ -70,16 +71,18 @@ class Task:
     kind: str = "answer"              # "answer" | "code"
     instruction: str = ""             # chat format: appended to the user turn
 
+    @abc.abstractmethod
     def samples(self) -> List[Sample]:
-        raise NotImplementedError
+        """Implemented by every task."""
 
     def exemplars(self) -> List[tuple]:
         """(question, answer) pairs for few-shot prompts."""
         return []
 
     # -- prompts --------------------------------------------------------------------------------
+    @abc.abstractmethod
     def fewshot_prompt(self, s: Sample, shots: int) -> Prompt:
-        raise NotImplementedError
+        """Implemented by every task."""
 
     def chat_messages(self, s: Sample, shots: int) -> List[dict]:
         msgs = []
@@ -94,8 +97,9 @@ class Task:
     def score_text(self, generation: str, fmt: str) -> str:
         return A.cut_at_stops(generation, self.stops) if fmt == "fewshot" else generation
 
+    @abc.abstractmethod
     def check(self, s: Sample, generation: str, fmt: str, prompt: Prompt, run_code: Callable) -> dict:
-        raise NotImplementedError
+        """Implemented by every task."""
 
 
 # -- GSM8K ----------------------------------------------------------------------------------------

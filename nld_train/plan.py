@@ -19,9 +19,10 @@ The memory model is what *this* trainer allocates on CUDA (estimates, not measur
   activations alive while it is recomputed; selective with "mlp": the MLP's 6f/TP are not kept
   (one layer's worth while recomputing); "core_attn" saves nothing here (flash/flex attention keep
   no S x S matrix; it matters only on the dense CPU path);
-- parallel.distributed_optimizer: the AdamW moments (8 B/param) split over DP ranks (megatron's
-  DistributedOptimizer; fp32 parameters are their own master copy, the fp32 grad buffer stays whole;
-  the trainer refuses this option for now, so it is a what-if).
+- parallel.distributed_optimizer: the AdamW moments (8 B/param) split over DP ranks by whole
+  parameters (ZeRO stage 1, torch's ZeroRedundancyOptimizer): the most loaded rank's share, from the
+  same greedy assignment (at least the largest parameter); fp32 parameters are their own master
+  copy, the fp32 grad buffer stays whole.
 Not modelled: pipeline parallelism (nld-train has none), the CPU path.
 """
 from __future__ import annotations
@@ -40,15 +41,37 @@ def head_dims(m: ModelConfig) -> tuple[int, int]:
     return m.num_attention_heads * head_dim, m.num_query_groups * head_dim
 
 
-def parameter_count(m: ModelConfig, tp: int = 1) -> dict:
-    """Parameters of the model as nld-train builds it (untied embedding and output layer, no
-    biases), in total and on one tensor-parallel rank (vocabulary padded for ``tp``)."""
-    h, f, n = m.hidden_size, m.ffn_hidden_size, m.num_layers
+def parameter_numels(m: ModelConfig, tp: int = 1) -> list[tuple[int, int, bool]]:
+    """(numel, ndim, split over TP) of every parameter on one tensor-parallel rank, in the model's
+    order (untied embedding and output layer; qkv bias only with model.qkv_bias; padded vocabulary)."""
+    h, f = m.hidden_size, m.ffn_hidden_size
     q, kv = head_dims(m)
     vocab = padded_vocab_size(m, tp)
-    split = n * (h * (q + 2 * kv) + q * h + 3 * h * f) + 2 * h * vocab  # layers, embedding, output
-    norms = n * 2 * h + h                                              # replicated on every rank
-    return {"total": split + norms, "per_gpu": split / tp + norms, "padded_vocab": vocab}
+    norm, embedding = (h, 1, False), (vocab * h // tp, 2, True)
+    layer = [norm, (h * q // tp, 2, True), ((q + 2 * kv) * h // tp, 2, True)]  # norm, proj, qkv
+    layer += [((q + 2 * kv) // tp, 1, True)] if m.qkv_bias else []
+    layer += [norm, (2 * f * h // tp, 2, True), (h * f // tp, 2, True)]      # norm, fc1 (gate; up), fc2
+    return [embedding] + layer * m.num_layers + [norm, embedding]
+
+
+def parameter_count(m: ModelConfig, tp: int = 1) -> dict:
+    """Parameters of the model as nld-train builds it, in total and on one tensor-parallel rank."""
+    params = parameter_numels(m, tp)
+    return {"total": sum(n * (tp if split else 1) for n, _, split in params),
+            "per_gpu": sum(n for n, _, _ in params), "padded_vocab": padded_vocab_size(m, tp)}
+
+
+def sharded_optimizer_max_numel(m: ModelConfig, tp: int, dp: int) -> int:
+    """The most parameters whose AdamW state one rank holds with parallel.distributed_optimizer:
+    torch's ZeroRedundancyOptimizer gives whole parameters to ranks, per parameter group (weight
+    decay: the matrices, then none: the vectors), largest first, each to the least loaded rank.
+    Never less than the largest parameter (the embedding), so sharding gains less than 1/DP."""
+    sizes = [0] * dp
+    params = parameter_numels(m, tp)
+    for group in ([n for n, d, _ in params if d >= 2], [n for n, d, _ in params if d < 2]):
+        for n in sorted(group, reverse=True):
+            sizes[sizes.index(min(sizes))] += n
+    return max(sizes)
 
 
 @dataclass
@@ -91,7 +114,8 @@ def memory_per_gpu(cfg: Config, tp: int | None = None, recompute: str | None = N
         kept = m.num_layers * per_token_layer
     tokens = t.micro_batch_size * t.seq_length * (2 if cfg.objective.name == "joint" else 1)
     final_norm = 4 * h / sp_div
-    return Memory(weights=4 * params, grads=4 * params, optimizer=8 * params / (dp if dist_opt else 1),
+    return Memory(weights=4 * params, grads=4 * params,
+                  optimizer=8 * (sharded_optimizer_max_numel(m, tp, dp) if dist_opt else params),
                   activations=tokens * (kept + final_norm),
                   logits=tokens * padded_vocab_size(m, tp) / tp * 10)
 
@@ -164,7 +188,7 @@ def plan(cfg: Config) -> tuple[str, bool]:
         f"embedding + output), {pc['per_gpu'] / 1e9:.2f} B per GPU",
         f"  memory/GPU  weights {mem.weights / GB:.1f} GB (fp32) + grads {mem.grads / GB:.1f} GB (fp32) + "
         f"Adam {mem.optimizer / GB:.1f} GB (fp32, "
-        f"{f'sharded over DP {dp}: distributed optimizer' if cfg.parallel.distributed_optimizer else 'not sharded'})",
+        f"{f'distributed optimizer: sharded over DP {dp}, most loaded rank' if cfg.parallel.distributed_optimizer else 'not sharded'})",
         f"              + activations {mem.activations / GB:.1f} GB (micro-batch {t.micro_batch_size} x {seq} "
         f"tokens, recompute {cfg.parallel.recompute}"
         f"{' ' + ','.join(cfg.parallel.recompute_modules) if cfg.parallel.recompute == 'selective' else ''})"

@@ -18,7 +18,9 @@ LAYOUTS = {  # name -> overrides (2 processes)
     "dp2_mbs1": ["train.micro_batch_size=1"],
     "tp2": ["train.micro_batch_size=2", "parallel.tensor_model_parallel_size=2"],
     "tp2sp": ["train.micro_batch_size=2", "parallel=tp2"],
+    "dp2_zero": ["train.micro_batch_size=2", "parallel.distributed_optimizer=true"],
 }
+ZERO = "parallel.distributed_optimizer=true"
 
 
 def gather_full(model):
@@ -80,10 +82,36 @@ def copy_tree(src, dst):
     dist.barrier()
 
 
+def zero_checks(out_dir):
+    """parallel.distributed_optimizer: the same weights bit for bit as the unsharded optimizer after
+    3 steps, with each rank holding about half of the AdamW state."""
+    from nld_train.train.optim import local_optimizer
+    weights, numel = {}, {}
+    for name, ov in (("plain", []), ("zero", [ZERO])):
+        tr = trainer(["objective=joint", "train.micro_batch_size=2", f"run.dir={out_dir}/bitwise_{name}", *ov])
+        for s in range(3):
+            tr.train_step(s)
+        weights[name] = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+        local = torch.tensor([sum(p.numel() for p in local_optimizer(tr.optimizer).state)])
+        both = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(both, local)
+        numel[name] = [int(x) for x in both]
+        total = sum(p.numel() for p in tr.params)
+        tr.close()
+    if dist.get_rank() == 0:
+        equal = all(torch.equal(weights["plain"][k], weights["zero"][k]) for k in weights["plain"])
+        torch.save({"equal": equal, "numel": numel, "total": total}, f"{out_dir}/zero_bitwise.pt")
+
+
 def main(out_dir, arg):
     if arg == "--four":
         for stage, ov in STAGES.items():
             equivalence(out_dir, f"{stage}_tp2dp2", [*ov, "train.micro_batch_size=1", "parallel=tp2"])
+        # the sharded optimizer state at TP=2 x DP=2: a checkpoint at step 2 and its continuation
+        four = ["train.micro_batch_size=1", "parallel=tp2", ZERO]
+        run_to(f"{out_dir}/zero4_ckpt", 2, four)
+        copy_tree(f"{out_dir}/zero4_ckpt", f"{out_dir}/zero4_cont")
+        run_to(f"{out_dir}/zero4_cont", 4, four)
     else:
         for stage, ov in STAGES.items():
             for name, layout in LAYOUTS.items():
@@ -93,6 +121,13 @@ def main(out_dir, arg):
         run_to(f"{out_dir}/from_tp1_dp2", 4, ["train.micro_batch_size=1"])
         copy_tree(arg, f"{out_dir}/from_tp1_tp2")
         run_to(f"{out_dir}/from_tp1_tp2", 4, ["train.micro_batch_size=2", "parallel=tp2"])
+        copy_tree(arg, f"{out_dir}/from_tp1_dp2_zero")  # the unsharded optimizer state, now sharded
+        run_to(f"{out_dir}/from_tp1_dp2_zero", 4, ["train.micro_batch_size=1", ZERO])
+        # a checkpoint of the sharded state (step 2) and its sharded continuation
+        run_to(f"{out_dir}/zero_ckpt", 2, ["train.micro_batch_size=2", ZERO])
+        copy_tree(f"{out_dir}/zero_ckpt", f"{out_dir}/zero_cont")
+        run_to(f"{out_dir}/zero_cont", 4, ["train.micro_batch_size=2", ZERO])
+        zero_checks(out_dir)
         # a TP=2 checkpoint at step 2 (kept for the 1-process side) and its TP=2 continuation
         run_to(f"{out_dir}/tp2_ckpt", 2, ["train.micro_batch_size=2", "parallel=tp2"])
         copy_tree(f"{out_dir}/tp2_ckpt", f"{out_dir}/tp2_cont")

@@ -80,8 +80,11 @@ def test_tp2_checkpoint_resumes_at_tp1(mp_out, tmp_path):
         assert abs(resumed[step]["loss"] - cont[step]["loss"]) < 1e-5, step
 
 
-@pytest.mark.parametrize("target", ["from_tp1_dp2", "from_tp1_tp2"])
-def test_tp1_checkpoint_resumes_at_dp2_and_tp2(mp_out, tmp_path, target):
+@pytest.mark.parametrize("target", ["from_tp1_dp2", "from_tp1_tp2", "from_tp1_dp2_zero", "zero_cont"])
+def test_checkpoints_resume_across_layouts(mp_out, tmp_path, target):
+    """Steps 3-4 after a step-2 checkpoint equal the 1-process continuation of the TP=1 checkpoint:
+    TP=1 -> DP=2, TP=2 + SP, DP=2 with the sharded optimizer state; and a checkpoint written by
+    DP=2 with the sharded state, resumed the same way (zero_cont)."""
     shutil.copytree(mp_out / "tp1_ckpt", tmp_path / "r")
     uninterrupted = metrics(run_to(tmp_path, "r", 4, "train.micro_batch_size=4"))
     got = metrics(mp_out / target)
@@ -90,8 +93,52 @@ def test_tp1_checkpoint_resumes_at_dp2_and_tp2(mp_out, tmp_path, target):
         assert abs(got[step]["loss"] - uninterrupted[step]["loss"]) < 1e-5, (target, step)
 
 
-def test_four_processes_tp2_dp2(tmp_path_factory, reference):
+def test_distributed_optimizer_shards_the_state_and_keeps_the_weights(mp_out):
+    """parallel.distributed_optimizer=true at DP=2: the weights after 3 steps equal the unsharded
+    optimizer's bit for bit, and each rank holds about half of the AdamW state (none twice)."""
+    got = torch.load(mp_out / "zero_bitwise.pt")
+    assert got["equal"]
+    assert got["numel"]["plain"] == [got["total"]] * 2
+    assert sum(got["numel"]["zero"]) == got["total"]
+    assert max(got["numel"]["zero"]) < 0.55 * got["total"], got["numel"]
+    # the planner's model of the partition (whole parameters, largest first, least loaded rank)
+    from nld_train.cli import load_config
+    from nld_train.plan import sharded_optimizer_max_numel
+    m = load_config(["recipe=smoke"]).model
+    assert max(got["numel"]["zero"]) == sharded_optimizer_max_numel(m, 1, 2)
+
+
+def test_sharded_optimizer_checkpoint_resumes_unsharded_at_tp1(mp_out, tmp_path):
+    """A checkpoint written with the AdamW state sharded over DP=2 continues on one process with the
+    unsharded optimizer exactly like the sharded continuation."""
+    shutil.copytree(mp_out / "zero_ckpt", tmp_path / "r")
+    resumed = metrics(run_to(tmp_path, "r", 4, "train.micro_batch_size=4"))
+    cont = metrics(mp_out / "zero_cont")
+    for step in (3, 4):
+        assert abs(resumed[step]["loss"] - cont[step]["loss"]) < 1e-5, step
+
+
+@pytest.fixture(scope="module")
+def mp4_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("mp4")
     launch(4, out, "--four")
+    return out
+
+
+def test_four_processes_tp2_dp2(mp4_out, reference):
     for stage in STAGES:
-        assert_same(torch.load(out / f"{stage}_tp2dp2.pt"), reference[stage], f"{stage} tp2xdp2")
+        assert_same(torch.load(mp4_out / f"{stage}_tp2dp2.pt"), reference[stage], f"{stage} tp2xdp2")
+
+
+def test_sharded_optimizer_checkpoint_at_tp2_dp2_resumes_at_tp1(mp4_out, tmp_path):
+    """TP=2 x DP=2 with the sharded state (tensor-parallel replicas of the norms included): its
+    step-2 checkpoint continues on one process like on four, and like the uninterrupted run."""
+    shutil.copytree(mp4_out / "zero4_ckpt", tmp_path / "r")
+    resumed = metrics(run_to(tmp_path, "r", 4, "train.micro_batch_size=4"))
+    uninterrupted = metrics(run_to(tmp_path, "u", 4, "train.micro_batch_size=4"))
+    cont = metrics(mp4_out / "zero4_cont")
+    assert sorted(cont) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert abs(uninterrupted[step]["loss"] - cont[step]["loss"]) < 1e-5, step
+    for step in (3, 4):
+        assert abs(resumed[step]["loss"] - cont[step]["loss"]) < 1e-5, step

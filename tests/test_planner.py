@@ -6,7 +6,7 @@ from nld_train.config import ModelConfig, padded_vocab_size
 from nld_train.observability import train_flops_per_token
 from nld_train.plan import memory_per_gpu, parameter_count
 
-SIZES = {"nld_3b": "tp2", "nld_8b": "tp4", "nld_14b": "tp8"}
+SIZES = {"nld_3b": "tp1_distopt", "nld_8b": "tp4", "nld_14b": "tp8"}
 
 
 def megatron_lm_flops(m: ModelConfig, seq_length: int, batch_size: int, tp: int = 1) -> float:
@@ -58,14 +58,18 @@ def test_joint_flops_count_the_joint_mask(L, B):
     assert 2.0 < ratio < 2.1  # "the joint step costs ~2x AR"
 
 
-def test_parameter_count_matches_the_built_model(dist1, one_thread):
-    """Planner's parameter count == the megatron model nld-train builds (micro, TP=1)."""
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_parameter_count_matches_the_built_model(dist1, one_thread, qkv_bias):
+    """Planner's parameter list == the megatron model nld-train builds (micro, TP=1): every
+    parameter's size and rank in order, hence the count and the sharded optimizer's partition."""
     from nld_train.model.gpt import build_model
+    from nld_train.plan import parameter_numels
     cfg = load_config(["recipe=stage1", "model=micro", "parallel=single", "train.seq_length=64",
-                       "train.dry_run=true"])
+                       "train.dry_run=true", f"model.qkv_bias={str(qkv_bias).lower()}"])
     model = build_model(cfg.model, cfg.parallel, cfg.train.seq_length, seed=0)
-    built = sum(p.numel() for p in model.parameters())
-    assert parameter_count(cfg.model, 1)["total"] == built
+    built = [(p.numel(), p.ndim) for p in model.parameters()]
+    assert [(n, d) for n, d, _ in parameter_numels(cfg.model, 1)] == built
+    assert parameter_count(cfg.model, 1)["total"] == sum(n for n, _ in built)
 
 
 def test_published_sizes():

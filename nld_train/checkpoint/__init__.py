@@ -85,21 +85,41 @@ def read_meta(step_dir) -> dict:
 
 # -- optimizer state <-> sharded tensors ---------------------------------------------------------
 def _optimizer_sharded_state(model, optimizer):
+    """AdamW state as sharded tensors keyed like the model's (``optimizer.state.exp_avg.<param>``).
+
+    The same keys and global shapes whether or not the state is sharded over data-parallel ranks
+    (``parallel.distributed_optimizer``): under ZeRO each rank describes only the parameters it
+    owns, as the unique (main) replica, so checkpoints move freely between both settings and any
+    DP size."""
     from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
                                                             optim_state_to_sharding_state)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    from nld_train.train.optim import is_sharded, local_optimizer
+    local = local_optimizer(optimizer)
+    params = [p for g in local.param_groups for p in g["params"]]
     # A fresh AdamW has no state yet; zeros at step 0 are exactly what its first step would create,
     # so saves before any step and loads into a fresh optimizer see the same structure.
     for p in params:
-        if not optimizer.state[p]:
-            optimizer.state[p] = dict(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
-                                      exp_avg_sq=torch.zeros_like(p))
-    sd = optimizer.state_dict()
+        if not local.state[p]:
+            local.state[p] = dict(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                  exp_avg_sq=torch.zeros_like(p))
+    sd = local.state_dict()
     id_map = get_param_id_to_sharded_param_map(model.sharded_state_dict(), params)
+    if is_sharded(optimizer):
+        # megatron's replica_id ends with the data-parallel rank; the owner is the only holder
+        id_map = {i: _as_main_dp_replica(sh) for i, sh in id_map.items()}
     optim_state_to_sharding_state(sd, id_map, exclude_keys=("step",))
     # AdamW's step is a scalar shared by all params: keep it once, outside the sharded tensors
-    sd["common_step"] = optimizer.state[params[0]]["step"]
+    # (the common part is rank 0's, which owns at least the largest parameter)
+    sd["common_step"] = local.state[params[0]]["step"] if params else torch.tensor(0.0)
     return sd
+
+
+def _as_main_dp_replica(sh):
+    from dataclasses import replace
+    rid = sh.replica_id
+    if not isinstance(rid, tuple) or not rid:
+        raise CheckpointError(f"unexpected replica_id {rid!r} for {sh.key}: cannot shard its optimizer state")
+    return replace(sh, replica_id=(*rid[:-1], 0))
 
 
 def _rng_state() -> dict:
@@ -239,7 +259,8 @@ def load(step_dir, model, optimizer=None, model_shape: Optional[dict] = None, re
         step = opt_sd.pop("common_step")
         for st in opt_sd["state"].values():
             st["step"] = step.clone() if torch.is_tensor(step) else torch.tensor(float(step))
-        optimizer.load_state_dict(opt_sd)
+        from nld_train.train.optim import local_optimizer
+        local_optimizer(optimizer).load_state_dict(opt_sd)
         rng_file = step_dir / "rng" / f"rank_{dist.get_rank():05d}.pt"
         from megatron.core import parallel_state as ps
         same_layout = (meta.get("world_size") == dist.get_world_size()

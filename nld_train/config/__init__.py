@@ -81,9 +81,9 @@ class ParallelConfig:
     recompute: str = "none"
     # for recompute=selective: any of "core_attn", "mlp"
     recompute_modules: List[str] = field(default_factory=lambda: ["core_attn"])
-    # megatron's DistributedOptimizer (AdamW state split over data-parallel ranks): a planner option
-    # for now (train.dry_run=true); the trainer refuses it (megatron-core 0.16.1 shards only CUDA
-    # parameters, and nld-train's optimizer/checkpoint path does not use it yet)
+    # the AdamW state split over the data-parallel ranks (ZeRO stage 1: each rank updates and keeps
+    # the moments of whole parameters it owns, then broadcasts them); same weights bit for bit,
+    # same checkpoint format. See docs/parallelism.md
     distributed_optimizer: bool = False
 
 

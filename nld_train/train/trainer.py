@@ -50,12 +50,6 @@ class Trainer:
                                        cfg.parallel.timeout_minutes, seed=t.seed)
         validate(cfg, self.layout.world_size)
         self.caps = capabilities()
-        if cfg.parallel.distributed_optimizer:
-            # megatron-core 0.16.1's DistributedOptimizer accepts only torch.cuda.* parameters, and
-            # nld-train does not wire it into its optimizer/checkpoint path yet: refuse, never ignore
-            raise ConfigError("parallel.distributed_optimizer=true is not supported by this trainer yet "
-                              f"({'CUDA' if self.caps.cuda else 'CPU: megatron-core 0.16.1 shards only CUDA parameters'}); "
-                              "it is a planner option (train.dry_run=true) for now: set parallel.distributed_optimizer=false")
         self.device = torch.device(self.caps.device)
         self.rank0 = self.layout.rank == 0
         self.run_dir = Path(cfg.run.dir)
@@ -77,7 +71,8 @@ class Trainer:
         self.ddp = DistributedDataParallel(self.model.config,
                                            DistributedDataParallelConfig(grad_reduce_in_fp32=True), self.model)
         self.params = [p for p in self.ddp.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.ddp, t)
+        # parallel.distributed_optimizer: the AdamW state split over the data-parallel ranks (ZeRO-1)
+        self.optimizer = build_optimizer(self.ddp, t, self._dp_group() if cfg.parallel.distributed_optimizer else None)
         o = cfg.objective
         kw = dict(ar_weight=o.ar_weight, normalization=o.loss_normalization)
         if o.name == "joint":
@@ -289,7 +284,7 @@ class Trainer:
         saved_at = self.step if self.resumed else None
         self._log(f"training {self.cfg.recipe or 'run'}: objective={self.cfg.objective.name} steps "
                   f"{self.step}->{t.max_steps} world={self.layout.world_size} (tp={self.layout.tp}, "
-                  f"dp={self.layout.dp}) device={self.caps.device} te={self.caps.transformer_engine} "
+                  f"dp={self.layout.dp}{', optimizer state sharded over dp' if self.cfg.parallel.distributed_optimizer else ''}) device={self.caps.device} te={self.caps.transformer_engine} "
                   f"apex={self.caps.apex} precision={self.precision} "
                   f"run_dir={self.run_dir}")
         while self.step < t.max_steps:

@@ -44,9 +44,28 @@ def child_env(extra=None) -> dict:
     return e
 
 
+def run_group(cmd, timeout, **kw):
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=...)`` in a new session: on a
+    timeout (or an interrupted test run) the whole process group is killed, torchrun's workers too,
+    so no orphaned gloo workers outlive the test."""
+    import signal
+    import subprocess
+    with subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, **kw) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_cli(args, env=None, timeout=600, nproc=None):
     """Run `nld-train` (or torchrun of it) in a subprocess; returns CompletedProcess."""
-    import subprocess
     cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
             "-m", "nld_train.cli"] if nproc else [sys.executable, "-m", "nld_train.cli"]) + list(args)
-    return subprocess.run(cmd, cwd=REPO, env=child_env(env), capture_output=True, text=True, timeout=timeout)
+    return run_group(cmd, timeout, cwd=REPO, env=child_env(env))

@@ -2,16 +2,15 @@
 attention backends they compare agree: backend selection, flex vs dense SDPA, skipped tiles."""
 import importlib.util
 import json
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO, child_env
+from tests.conftest import REPO, child_env, run_group
 
 BENCH = REPO / "scripts" / "bench"
-SCRIPTS = ("train_step", "attention", "decode", "checkpoint")
+SCRIPTS = ("train_step", "attention", "decode", "checkpoint", "optimizer")
 
 
 def _module(name):
@@ -25,8 +24,7 @@ def _module(name):
 
 
 def _run(name, *args, timeout=300):
-    return subprocess.run([sys.executable, str(BENCH / f"{name}.py"), *args], cwd=REPO, env=child_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return run_group([sys.executable, str(BENCH / f"{name}.py"), *args], timeout, cwd=REPO, env=child_env())
 
 
 # -- attention backends -------------------------------------------------------------------------------
@@ -168,3 +166,19 @@ def test_checkpoint_bench_micro(tmp_path, capsys, dist1, one_thread):
     assert res["size_mib"] > 1 and res["step_s"] > 0
     assert res["sync_over_step"] == pytest.approx(res["sync_save_s"] / res["step_s"])
     assert res["async_blocking_over_step"] == pytest.approx(res["async_blocking_s"] / res["step_s"])
+
+
+def test_optimizer_bench_two_processes(tmp_path):
+    """Replicated vs sharded AdamW state at DP=2 (torchrun, gloo): each rank keeps about half the
+    state, and the script checks that both settings end with the same weights."""
+    out = tmp_path / "opt.json"
+    r = run_group([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                   str(BENCH / "optimizer.py"), "--model", "micro", "--seq-length", "32", "--warmup", "0",
+                   "--repeats", "2", "--json", str(out)], 300, cwd=REPO, env=child_env())
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "sharded / replicated: state" in r.stdout and "equal bit for bit: yes" in r.stdout
+    res = json.loads(out.read_text())
+    assert (res["world"], res["dp"]) == (2, 2) and res["bitwise_equal"]
+    rep, sh = res["results"]["replicated"], res["results"]["sharded"]
+    assert 0.4 < sh["state_bytes_max_rank"] / rep["state_bytes_max_rank"] < 0.6
+    assert sh["step_s"] > 0 and sh["optimizer_step_s"] > 0

@@ -6,13 +6,12 @@ YaRN + Llama-4 query scaling with positions past the original context).
 """
 import json
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO, child_env
+from tests.conftest import REPO, child_env, run_group
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -222,9 +221,9 @@ def test_export_of_a_tp2_checkpoint_equals_tp1(converted, tmp_path):
     from nld_train.checkpoint.hf.export import to_hf
     c = converted["llama"]
     (tmp_path / "worker.py").write_text(TP2_WORKER)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                          str(tmp_path / "worker.py"), str(c["step"]), str(tmp_path / "tp2")], cwd=REPO,
-                         env=child_env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True, timeout=300)
+    res = run_group([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                     str(tmp_path / "worker.py"), str(c["step"]), str(tmp_path / "tp2")], 300, cwd=REPO,
+                    env=child_env({"PYTHONPATH": str(REPO)}))
     assert res.returncode == 0, res.stderr[-4000:]
     to_hf(tmp_path / "tp2", tmp_path / "out")
     a = load_file(str(next((tmp_path / "out").glob("model-*.safetensors"))))

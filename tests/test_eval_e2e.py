@@ -3,7 +3,6 @@ against docs/decoding.md, resuming, refusal of mixed settings, the CLI, and the 
 import json
 
 import pytest
-import torch
 
 from nld_train.errors import ConfigError
 from nld_train.eval.settings import EvalSettings

@@ -3,6 +3,8 @@
 float64 everywhere: the modes compute the same logits through different batch shapes and masks,
 so they agree to ~1e-15; in float32 a near-tie could flip an argmax and hide or fake a bug.
 """
+import re
+
 import pytest
 import torch
 
@@ -208,8 +210,15 @@ def test_cli_generate_and_table(trained, capsys):
     assert [ln.split()[1] for ln in table.splitlines() if ln.startswith("diffusion@1 ")] == ["1.00"]
     spec_rows = [ln for ln in table.splitlines() if ln.startswith(("linear_spec", "quadratic_spec"))]
     assert len(spec_rows) == 2 and all(ln.rstrip().endswith("1/1") for ln in spec_rows)
-    assert main(args + ["mode=linear_spec"]) == 0
-    assert "TPF=" in capsys.readouterr().out
+    # draft_threshold reaches the linear drafter: 1.0 fills the draft one token per pass (more
+    # forwards) and, being greedy self-speculation, still prints AR's text
+    runs = {}
+    for extra in (["mode=ar"], ["mode=linear_spec"], ["mode=linear_spec", "draft_threshold=1.0"]):
+        assert main(args + extra) == 0
+        text, stats = capsys.readouterr().out.rsplit("--- mode=", 1)
+        runs[" ".join(extra)] = (text, int(re.search(r"NFE=(\d+)", stats).group(1)))
+    assert runs["mode=ar"][0] == runs["mode=linear_spec"][0] == runs["mode=linear_spec draft_threshold=1.0"][0]
+    assert runs["mode=linear_spec draft_threshold=1.0"][1] > runs["mode=linear_spec"][1]
     assert main(args + ["mode=nope"]) == 2
     assert main(["checkpoint=/nonexistent"]) == 2
 

@@ -7,13 +7,12 @@ TP=2 x DP=2. Everything is compared with 1-process runs in this process.
 """
 import json
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_group
 from tests.test_trainer import grads, make_trainer, max_rel_diff
 from tests.mp_checks import LAYOUTS, STAGES
 
@@ -21,7 +20,7 @@ from tests.mp_checks import LAYOUTS, STAGES
 def launch(nproc, *args):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
            str(REPO / "tests" / "mp_checks.py"), *map(str, args)]
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    res = run_group(cmd, 900, cwd=REPO)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
 
 

@@ -32,7 +32,7 @@ def tiny_sampler(vocab=40, bias=None, seed=0):
 
 
 def test_features_on_a_hand_built_block():
-    V, B = 6, 3
+    B = 3
     # position 0: committed token 4; positions 1, 2 masked. Probabilities chosen by hand.
     probs = torch.tensor([[[0.05, 0.05, 0.10, 0.10, 0.60, 0.10],       # mask id 1 has p 0.05
                            [0.00, 0.50, 0.30, 0.10, 0.05, 0.05],       # the mask id is the most likely

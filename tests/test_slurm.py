@@ -120,10 +120,13 @@ def test_train_sbatch_completes_srun_launcher(slurm, tmp_path):
 
 def test_train_sbatch_preempt_requeue_resume(slurm, tmp_path):
     """USR1 to the batch shell -> SIGTERM to torchrun -> checkpoint, exit 75 (torchrun: 1) ->
-    scontrol requeue -> the second run resumes and finishes; every step is trained exactly once."""
+    scontrol requeue -> the second run resumes and finishes; every step is trained exactly once.
+    The AdamW state is sharded over the two ranks (parallel.distributed_optimizer), so the
+    preemption checkpoint carries it in halves."""
     run, max_steps = tmp_path / "run", 10
     jid = sbatch(slurm, tmp_path, "slurm/train.sbatch", "recipe=smoke", f"run.dir={run}",
-                 f"train.max_steps={max_steps}", "checkpoint.interval=0", sbatch_opts=["--gpus-per-node=2"])
+                 f"train.max_steps={max_steps}", "checkpoint.interval=0", "parallel.distributed_optimizer=true",
+                 sbatch_opts=["--gpus-per-node=2"])
     deadline = time.time() + 180
     while len(metric_steps(run)) < 2:  # training is under way
         assert time.time() < deadline, "no training steps within 180 s"
@@ -139,6 +142,7 @@ def test_train_sbatch_preempt_requeue_resume(slurm, tmp_path):
     assert m, node_log[-3000:]
     k = int(m.group(1))
     assert 2 <= k < max_steps
+    assert "optimizer state sharded over dp" in node_log
     assert f"resumed from {run}/checkpoints/step_{k:08d} at step {k}" in node_log
     # progress lines of both runs (log_interval 1): each step trained once, none repeated or lost
     trained = [int(s) for s in re.findall(rf"\[default0\]:step (\d+)/{max_steps} ", node_log)]

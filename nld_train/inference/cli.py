@@ -2,6 +2,8 @@
 
     nld-generate checkpoint=<run dir | step dir> mode=ar|diffusion|linear_spec|quadratic_spec|all
                  prompt="ROMEO:" max_new_tokens=64 block_length=32 threshold=0.9
+                 [draft_threshold=0.0  (linear_spec: 0 fills the draft block in one pass, else the
+                                        confidence rule until the block is filled)]
                  [thresholds=0.9,0.3   (mode=all: one diffusion row per confidence threshold)]
                  [temperature=0 top_p=1 seed=0 dtype=float32 device=cpu sol=false]
 """
@@ -15,12 +17,14 @@ import torch
 
 MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
 DEFAULTS = dict(checkpoint=None, mode="ar", prompt="ROMEO:", max_new_tokens=64, block_length=32, threshold=0.9,
-                thresholds=(0.9,), temperature=0.0, top_p=1.0, seed=0, dtype="float32", device="cpu", sol=False)
+                draft_threshold=0.0, thresholds=(0.9,), temperature=0.0, top_p=1.0, seed=0, dtype="float32", device="cpu", sol=False)
 
 
 def decode(model, mode: str, input_ids, max_new_tokens: int, block_length: int = 32, threshold: float = 0.9,
-           attention_mask=None, **kw):
-    """One call of ``mode``; returns (out_ids, nfe) and leaves the stats in ``model.last_stats``."""
+           attention_mask=None, draft_threshold: float = 0.0, **kw):
+    """One call of ``mode``; returns (out_ids, nfe) and leaves the stats in ``model.last_stats``.
+    ``threshold``: diffusion's confidence threshold; ``draft_threshold``: linear self-speculation's
+    (its own default 0: the whole draft block in one pass)."""
     if mode == "ar":
         return model.ar_generate(input_ids, max_new_tokens, attention_mask=attention_mask, **kw)
     if mode == "diffusion":
@@ -28,7 +32,7 @@ def decode(model, mode: str, input_ids, max_new_tokens: int, block_length: int =
                               attention_mask=attention_mask, **kw)
     if mode == "linear_spec":
         return model.linear_spec_generate(input_ids, max_new_tokens, block_length=block_length,
-                                          attention_mask=attention_mask, **kw)
+                                          threshold=draft_threshold, attention_mask=attention_mask, **kw)
     if mode == "quadratic_spec":
         return model.quadratic_spec_generate(input_ids, max_new_tokens, block_length=block_length,
                                              attention_mask=attention_mask, **kw)
@@ -142,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         out, nfe = decode(model, a["mode"], ids, a["max_new_tokens"], a["block_length"], a["threshold"],
-                          attention_mask=mask, **kw)
+                          attention_mask=mask, draft_threshold=a["draft_threshold"], **kw)
     except ValueError as e:
         print(f"nld-generate: {e}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from nld_train.dist import capabilities
-from nld_train.objective.masks import (causal_attention_mask, causal_mask_mod, joint_attention_mask,
+from nld_train.objective.masks import (causal_attention_mask, joint_attention_mask,
                                        joint_mask_mod, packed_attention_mask, packed_mask_mod)
 
 

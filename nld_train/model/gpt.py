@@ -117,7 +117,6 @@ class NLDGPTModel(GPTModel):
 
 
 def transformer_config(m: ModelConfig, p: ParallelConfig) -> TransformerConfig:
-    cuda = capabilities().cuda
     return TransformerConfig(
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size, kv_channels=m.kv_channels,

@@ -367,7 +367,6 @@ def run(cfg: Config) -> None:
 
 
 def train(trainer: Trainer) -> None:
-    cfg = trainer.cfg
     try:
         trainer.fit()
         end_of_run_decoding(trainer)

@@ -120,13 +120,28 @@ def memory_per_gpu(cfg: Config, tp: int | None = None, recompute: str | None = N
                   logits=tokens * padded_vocab_size(m, tp) / tp * 10)
 
 
-# what the refusal suggests, cheapest first: (overrides, recompute, recompute_modules, distributed_optimizer)
-_OPTIONS = [("parallel.distributed_optimizer=true", "none", [], True),
-            ("parallel.recompute=selective parallel.recompute_modules=[mlp]", "selective", ["mlp"], False),
-            ("parallel.distributed_optimizer=true parallel.recompute=selective parallel.recompute_modules=[mlp]",
-             "selective", ["mlp"], True),
-            ("parallel.recompute=full", "full", [], False),
-            ("parallel.distributed_optimizer=true parallel.recompute=full", "full", [], True)]
+# what the refusal suggests, cheapest first: (recompute, recompute_modules, distributed_optimizer),
+# each combined with what the config already sets (an option never weakens it)
+_OPTIONS = [("none", [], True), ("selective", ["mlp"], False), ("selective", ["mlp"], True),
+            ("full", [], False), ("full", [], True)]
+_STRENGTH = {"none": 0, "selective": 1, "full": 2}
+
+
+def _combined(p, rc: str, mods: list, do: bool) -> tuple[str, list, bool]:
+    if _STRENGTH[p.recompute] > _STRENGTH[rc]:
+        rc, mods = p.recompute, list(p.recompute_modules)
+    elif rc == "selective" and p.recompute == "selective":
+        mods = sorted(set(mods) | set(p.recompute_modules))
+    return rc, mods, do or p.distributed_optimizer
+
+
+def _overrides(p, rc: str, mods: list, do: bool) -> str:
+    out = ["parallel.distributed_optimizer=true"] if do and not p.distributed_optimizer else []
+    if rc != p.recompute:
+        out.append(f"parallel.recompute={rc}")
+    if rc == "selective" and sorted(mods) != sorted(p.recompute_modules):
+        out.append(f"parallel.recompute_modules=[{','.join(mods)}]")
+    return " ".join(out)
 
 
 def _suggest(cfg: Config, budget: float) -> str:
@@ -134,13 +149,18 @@ def _suggest(cfg: Config, budget: float) -> str:
     p = cfg.parallel
     def fit(tp, rc, mods, do):
         return memory_per_gpu(cfg, tp, rc, do, mods).total / GB
+    current = (p.recompute, sorted(p.recompute_modules) if p.recompute == "selective" else [], p.distributed_optimizer)
     for tp in [p.tensor_model_parallel_size] + [x for x in _tp_options(cfg) if x > p.tensor_model_parallel_size]:
-        layout = "" if tp == p.tensor_model_parallel_size else f"parallel=tp{tp} "
-        if tp != p.tensor_model_parallel_size and fit(tp, "none", [], False) <= budget:
-            return f"parallel.tensor_model_parallel_size={tp} (parallel=tp{tp}) fits ({fit(tp, 'none', [], False):.1f} GB)"
-        for text, rc, mods, do in _OPTIONS:  # (what is already set does not fit: never suggested)
+        same_tp = tp == p.tensor_model_parallel_size
+        layout = "" if same_tp else f"parallel=tp{tp} "
+        if not same_tp and fit(tp, *current[:2], current[2]) <= budget:
+            return f"parallel.tensor_model_parallel_size={tp} (parallel=tp{tp}) fits ({fit(tp, *current):.1f} GB)"
+        for option in _OPTIONS:
+            rc, mods, do = _combined(p, *option)
+            if same_tp and (rc, sorted(mods) if rc == "selective" else [], do) == current:
+                continue  # what is already set does not fit: never suggested
             if fit(tp, rc, mods, do) <= budget:
-                return f"{layout}{text} fits ({fit(tp, rc, mods, do):.1f} GB)"
+                return f"{layout}{_overrides(p, rc, mods, do)} fits ({fit(tp, rc, mods, do):.1f} GB)".replace("  ", " ")
     return ("no tensor-parallel size up to gpus_per_node fits, even with recomputation and the distributed "
             "optimizer; lower train.micro_batch_size or train.seq_length")
 

@@ -113,3 +113,17 @@ def test_refusal_suggests_the_distributed_optimizer(capsys):
     assert main(["recipe=stage2", "model=nld_3b", "parallel=single", "parallel.distributed_optimizer=true",
                  "train.dry_run=true", "nodes=32"]) == 0
     assert "sharded over DP 256" in capsys.readouterr().out
+
+
+def test_refusal_keeps_what_the_config_already_sets(capsys):
+    """A suggestion adds to the configured memory options, never drops them: with full recompute
+    already set, sharding the optimizer is enough (and the plan it quotes keeps full recompute)."""
+    from nld_train.cli import main
+    args = ["recipe=stage2", "model=nld_3b", "parallel=single", "parallel.recompute=full", "train.dry_run=true",
+            "nodes=32"]
+    assert main(args) == 2
+    hint = capsys.readouterr().out.split("refused:")[1]
+    assert "parallel.distributed_optimizer=true fits" in hint and "parallel.recompute" not in hint
+    quoted = float(hint.split("fits (")[1].split(" GB")[0])
+    assert main(args + ["parallel.distributed_optimizer=true"]) == 0
+    assert f"= {quoted:.1f} GB of 72 GB usable" in capsys.readouterr().out

@@ -17,6 +17,15 @@ fi
 # The Python that has nld-train installed (inside the container when NLD_CONTAINER_IMAGE is set).
 NLD_PYTHON=${NLD_PYTHON:-python}
 
+# Bare metal: fail here, with the fix in the message, rather than in every rank's log. (In a
+# container the Python exists only inside the srun step, so there is nothing to check here.)
+nld_check_python() {
+  [[ -n ${NLD_CONTAINER_IMAGE:-} ]] && return 0
+  "$NLD_PYTHON" -c "import nld_train" 2>/dev/null && return 0
+  nld_die "NLD_PYTHON=$NLD_PYTHON ($(command -v "$NLD_PYTHON" || echo 'not found')) cannot import nld_train:" \
+          "activate its venv before sbatch (source .venv/bin/activate) or set NLD_PYTHON=/path/to/venv/bin/python"
+}
+
 # --- CUDA / NCCL defaults for H100 + InfiniBand; each one only if not already set --------------
 # One hardware queue per device: megatron-core orders TP/SP communication behind compute.
 : "${CUDA_DEVICE_MAX_CONNECTIONS:=1}"

@@ -152,6 +152,18 @@ def test_train_sbatch_preempt_requeue_resume(slurm, tmp_path):
     assert (run / "checkpoints" / f"step_{k:08d}").is_dir()  # the preemption checkpoint (keep_last 2)
 
 
+def test_train_sbatch_names_a_python_without_nld_train(slurm, tmp_path):
+    """A Python that cannot import nld_train stops the job before launch, with the fix named."""
+    jid = sbatch(slurm, tmp_path, "slurm/train.sbatch", "recipe=smoke", f"run.dir={tmp_path / 'run'}",
+                 sbatch_opts=["--gpus-per-node=2"], extra_env={"NLD_PYTHON": "/nonexistent/python"})
+    rc, out = wait(slurm, jid, timeout=60)
+    assert rc != 0
+    log = (tmp_path / f"nld-train-{jid}.out").read_text()
+    assert "NLD_PYTHON=/nonexistent/python (not found) cannot import nld_train" in log, log
+    assert "source .venv/bin/activate" in log and "launcher=" not in log
+    assert not (tmp_path / "run").exists()
+
+
 def test_convert_sbatch_container_flags_and_args(slurm, tmp_path):
     """NLD_CONTAINER_IMAGE adds the pyxis flags to srun (a stand-in srun records and drops them,
     as local Slurm has no pyxis); arguments reach the command unchanged."""

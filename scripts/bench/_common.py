@@ -34,6 +34,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def parse_trainer_bench_args(p, argv):
+    """The tail every trainer benchmark shares: ``--json``, nld-train ``key=value`` overrides, and
+    the checks of both (and of ``--warmup`` where the script has it)."""
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="nld-train overrides, e.g. model.num_layers=16")
+    args = p.parse_args(argv)
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        p.error(f"overrides must be key=value, got {bad}")
+    if getattr(args, "warmup", 0) < 0:
+        p.error("--warmup must be >= 0")
+    return args
+
+
 def sync(device) -> None:
     import torch
     if str(device).startswith("cuda"):

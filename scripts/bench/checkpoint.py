@@ -30,13 +30,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=C.positive_int, default=3,
                    help="timed training steps before the saves (3); one more before every save")
     p.add_argument("--saves", type=C.positive_int, default=2, help="timed saves of each kind; median (2)")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="nld-train overrides")
-    args = p.parse_args(argv)
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        p.error(f"overrides must be key=value, got {bad}")
-    return args
+    return C.parse_trainer_bench_args(p, argv)
 
 
 def bench(model: str, args, tmp: str) -> dict:

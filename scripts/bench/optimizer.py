@@ -33,15 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps per setting, not timed (2)")
     p.add_argument("--repeats", type=C.positive_int, default=5, help="timed steps per setting; median (5)")
     p.add_argument("--threads", type=C.positive_int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file (rank 0)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="nld-train overrides")
-    args = p.parse_args(argv)
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        p.error(f"overrides must be key=value, got {bad}")
-    if args.warmup < 0:
-        p.error("--warmup must be >= 0")
-    return args
+    return C.parse_trainer_bench_args(p, argv)
 
 
 def state_bytes(optimizer) -> int:

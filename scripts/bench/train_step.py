@@ -43,15 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s for MFU (default: the bf16 peak of a known GPU; none on CPU)")
     p.add_argument("--threads", type=C.positive_int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="nld-train overrides, e.g. model.num_layers=16")
-    args = p.parse_args(argv)
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        p.error(f"overrides must be key=value, got {bad}")
-    if args.warmup < 0:
-        p.error("--warmup must be >= 0")
-    return args
+    return C.parse_trainer_bench_args(p, argv)
 
 
 def bench_length(args, L: int, tmp: str) -> dict:

@@ -152,15 +152,15 @@ def _suggest(cfg: Config, budget: float) -> str:
     current = (p.recompute, sorted(p.recompute_modules) if p.recompute == "selective" else [], p.distributed_optimizer)
     for tp in [p.tensor_model_parallel_size] + [x for x in _tp_options(cfg) if x > p.tensor_model_parallel_size]:
         same_tp = tp == p.tensor_model_parallel_size
-        layout = "" if same_tp else f"parallel=tp{tp} "
-        if not same_tp and fit(tp, *current[:2], current[2]) <= budget:
+        if not same_tp and fit(tp, *current) <= budget:
             return f"parallel.tensor_model_parallel_size={tp} (parallel=tp{tp}) fits ({fit(tp, *current):.1f} GB)"
         for option in _OPTIONS:
             rc, mods, do = _combined(p, *option)
-            if same_tp and (rc, sorted(mods) if rc == "selective" else [], do) == current:
-                continue  # what is already set does not fit: never suggested
+            if (rc, sorted(mods) if rc == "selective" else [], do) == current:
+                continue  # what is already set does not fit here, and at another TP was tried above
             if fit(tp, rc, mods, do) <= budget:
-                return f"{layout}{_overrides(p, rc, mods, do)} fits ({fit(tp, rc, mods, do):.1f} GB)".replace("  ", " ")
+                change = " ".join(filter(None, ["" if same_tp else f"parallel=tp{tp}", _overrides(p, rc, mods, do)]))
+                return f"{change} fits ({fit(tp, rc, mods, do):.1f} GB)"
     return ("no tensor-parallel size up to gpus_per_node fits, even with recomputation and the distributed "
             "optimizer; lower train.micro_batch_size or train.seq_length")
 

@@ -15,7 +15,7 @@ def build_optimizer(model, t, shard_group=None) -> torch.optim.Optimizer:
     state is split over its ranks (ZeRO stage 1, ``torch.distributed.optim.ZeroRedundancyOptimizer``):
     each rank keeps the moments of, and updates, only the parameters it owns, then broadcasts them.
     Every parameter still gets exactly the same single-tensor AdamW update, so the weights equal the
-    unsharded optimizer's bit for bit. docs/recipes.md says why this and not megatron's
+    unsharded optimizer's bit for bit. docs/parallelism.md says why this and not megatron's
     DistributedOptimizer."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():

@@ -191,6 +191,19 @@ def test_refusals(tmp_path, converted, capsys):
     assert main(["from-hf", str(tmp_path / "l3"), str(tmp_path / "o4")]) == 2
     err = capsys.readouterr().err
     assert "rope_type" in err and "llama3" in err, err
+    # weights the config has no place for (or lacks): one line naming them, nothing written
+    from safetensors.torch import load_file, save_file
+    for name, edit_weights in (("extra", lambda w: w.update({"model.layers.0.self_attn.o_proj.bias": torch.zeros(4)})),
+                               ("lacking", lambda w: w.pop("model.layers.0.mlp.up_proj.weight"))):
+        shutil.copytree(converted["llama"]["hf"], tmp_path / name)
+        f = next((tmp_path / name).glob("model*.safetensors"))
+        w = load_file(str(f))
+        edit_weights(w)
+        save_file(w, str(f), metadata={"format": "pt"})
+        assert main(["from-hf", str(tmp_path / name), str(tmp_path / f"out_{name}")]) == 2
+        err = capsys.readouterr().err
+        assert ("o_proj.bias" in err and "no place for" in err) if name == "extra" else "up_proj.weight" in err, err
+        assert not (tmp_path / f"out_{name}").exists()
 
 
 TP2_WORKER = """

@@ -20,7 +20,7 @@ from nld_train.inference.decoding import NLDForDecoding
 from nld_train.inference.model import NLDConfig
 
 # the megatron -> plain name/transform table lives with the HF conversion (one table for both)
-from nld_train.checkpoint.hf.mapping import MEGATRON_TO_PLAIN, convert_megatron_state_dict  # noqa: E402,F401
+from nld_train.checkpoint.hf.mapping import MEGATRON_TO_PLAIN, iter_megatron_to_plain  # noqa: E402,F401
 
 
 def nld_config_from_model_config(m, eos_token_id: Optional[int] = None, block_size: int = 32) -> NLDConfig:
@@ -45,8 +45,18 @@ def from_megatron(model, model_cfg, eos_token_id: Optional[int] = None, block_si
         raise ValueError("from_megatron needs a TP=1 model; use load_model(checkpoint) for TP > 1 runs")
     cfg = nld_config_from_model_config(model_cfg, eos_token_id, block_size)
     plain = NLDForDecoding(cfg)
-    missing, unexpected = plain.load_state_dict(convert_megatron_state_dict(model.state_dict(), cfg),
-                                                strict=False)
+    target, filled, unexpected = plain.state_dict(), set(), []
+    with torch.no_grad():  # tensor by tensor: no converted copy of the whole model
+        for name, t in iter_megatron_to_plain(model.state_dict(), cfg):
+            if name not in target:
+                unexpected.append(name)
+                continue
+            if t.shape != target[name].shape:
+                raise KeyError(f"megatron -> plain: {name} has shape {tuple(t.shape)}, the decoder expects "
+                               f"{tuple(target[name].shape)}")
+            target[name].copy_(t)
+            filled.add(name)
+    missing = sorted(set(target) - filled)
     if missing or unexpected:
         raise KeyError(f"megatron -> plain mapping incomplete: missing {missing}, unexpected {unexpected}")
     plain = plain.to(device=device or "cpu", dtype=dtype or torch.float32).eval()

@@ -190,7 +190,7 @@ def from_hf(hf_dir, out_dir, tp: int = 1, mask_token_id: Optional[int] = None, a
 
     from nld_train.config import Config, ObjectiveConfig, ParallelConfig, TokenizerConfig, padded_vocab_size
     from nld_train.dist import init_distributed
-    from nld_train.checkpoint.hf.mapping import plain_to_megatron
+    from nld_train.checkpoint.hf.mapping import iter_plain_to_megatron
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if tp < 1:
@@ -225,14 +225,19 @@ def from_hf(hf_dir, out_dir, tp: int = 1, mask_token_id: Optional[int] = None, a
         build_cfg = dataclasses.replace(mcfg, make_vocab_size_divisible_by=mcfg.make_vocab_size_divisible_by * tp)
         with torch.random.fork_rng(devices=[]):
             model = build_model(build_cfg, ParallelConfig(), mcfg.max_position_embeddings, seed=0)
-        names = [k for k in model.state_dict() if not k.endswith("_extra_state")]
-        msd = plain_to_megatron({k: v.float() for k, v in sd.items()}, cfg, names, padded)
+        # tensor by tensor into the model's parameters, each source tensor dropped after its last
+        # use: the weights are held once as the model and once (shrinking) as the source
+        target = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+        with torch.no_grad():
+            try:
+                for name, t in iter_plain_to_megatron(sd, cfg, list(target), padded, consume=True, dtype=torch.float32):
+                    if t.shape != target[name].shape:
+                        raise CheckpointError(f"{hf_dir}: {name} has shape {tuple(t.shape)}, the model its config "
+                                              f"describes expects {tuple(target[name].shape)}")
+                    target[name].copy_(t)
+            except KeyError as e:  # names: a tensor missing, or one the model has no place for
+                raise CheckpointError(f"{hf_dir}: {e.args[0]}") from None
         del sd
-        missing, unexpected = model.load_state_dict(msd, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise CheckpointError(f"HF -> megatron mapping incomplete: missing {missing}, unexpected {unexpected}")
-        del msd
         meta = {"config": dataclasses.asdict(conf), "weights_only": True, "recipe": "from-hf",
                 "model_shape": {**model_shape(conf), "padded_vocab_size": padded},
                 "tensor_model_parallel_size": tp, "consumed_samples": 0, "hf_source": info}

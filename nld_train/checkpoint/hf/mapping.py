@@ -110,38 +110,45 @@ def _match(name: str):
     raise KeyError(f"no mapping for megatron parameter {name!r}")
 
 
-def convert_megatron_state_dict(sd: dict, cfg: NLDConfig) -> dict:
-    """A TP=1 megatron state dict -> the plain model's state dict (padded vocabulary rows dropped)."""
-    out = {}
+def iter_megatron_to_plain(sd: dict, cfg: NLDConfig):
+    """A TP=1 megatron state dict -> (plain name, tensor) pairs (padded vocabulary rows dropped).
+    The tensors are views of ``sd``'s: copy them where they go, one at a time (no second model)."""
     for name, t in sd.items():
         if name.endswith("_extra_state"):
             continue
         dst, how = _match(name)
-        parts = TRANSFORMS[how][0](t.detach(), cfg)
-        out.update({k: v.clone() for k, v in zip(dst, parts)})
-    return out
+        yield from zip(dst, TRANSFORMS[how][0](t.detach(), cfg))
 
 
-def plain_to_megatron(plain: dict, cfg: NLDConfig, megatron_names, padded_vocab: int) -> dict:
-    """The plain state dict -> tensors for the given megatron parameter names (a TP=1 model's).
+def iter_plain_to_megatron(plain: dict, cfg: NLDConfig, megatron_names, padded_vocab: int, consume: bool = False,
+                           dtype=None):
+    """The plain state dict -> (megatron name, tensor) for the given parameter names (a TP=1
+    model's), one at a time. ``consume``: each plain tensor leaves ``plain`` after its last use, so
+    a conversion holds the source once and no converted copy of it. ``dtype``: cast per tensor.
 
-    Every plain tensor must be used (an unused one means the config and the weights disagree).
+    Every plain tensor must be used (an unused one means the config and the weights disagree);
+    checked before anything is converted.
     """
-    out, used = {}, set()
-    for name in megatron_names:
-        if name.endswith("_extra_state"):
-            continue
-        dst, how = _match(name)
+    rules = [(name, *_match(name)) for name in megatron_names if not name.endswith("_extra_state")]
+    uses: dict = {}
+    for name, dst, _ in rules:
         missing = [d for d in dst if d not in plain]
         if missing:
             raise KeyError(f"weights lack {missing} (needed for megatron parameter {name})")
-        out[name] = TRANSFORMS[how][1]([plain[d] for d in dst], cfg, padded_vocab=padded_vocab)
-        used.update(dst)
-    unused = sorted(set(plain) - used)
+        for d in dst:
+            uses[d] = uses.get(d, 0) + 1
+    unused = sorted(set(plain) - set(uses))
     if unused:
         raise KeyError(f"weights hold tensors the model has no place for: {unused[:8]}"
                        f"{' ...' if len(unused) > 8 else ''}")
-    return out
+    for name, dst, how in rules:
+        parts = [plain[d] if dtype is None else plain[d].to(dtype) for d in dst]
+        if consume:
+            for d in dst:
+                uses[d] -= 1
+                if not uses[d]:
+                    del plain[d]
+        yield name, TRANSFORMS[how][1](parts, cfg, padded_vocab=padded_vocab)
 
 
 def to_layout(name: str, layout: str) -> str:

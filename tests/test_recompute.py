@@ -75,6 +75,21 @@ def test_distributed_optimizer_trains_on_one_process(dist1, tmp_path):
         assert torch.equal(a, b)
 
 
+def test_unshardable_optimizer_state_fails_at_start(dist1, tmp_path, monkeypatch):
+    """The sharded optimizer's checkpoint layout is checked when the trainer starts, not at its first
+    save: a parameter whose replica id does not name the data-parallel rank is refused."""
+    from dataclasses import replace
+
+    from nld_train import checkpoint as ckpt
+    from nld_train.errors import CheckpointError
+    tr = make_trainer(tmp_path, "parallel.distributed_optimizer=true")
+    real = tr.model.sharded_state_dict
+    monkeypatch.setattr(tr.model, "sharded_state_dict", lambda *a, **k: {
+        n: replace(v, replica_id=0) if n.endswith(".weight") else v for n, v in real(*a, **k).items()})
+    with pytest.raises(CheckpointError, match="replica_id"):
+        ckpt.check_shardable_optimizer_state(tr.model, tr.optimizer)
+
+
 def _plan_cfg(*overrides):
     from nld_train.cli import load_config
     return load_config(["recipe=stage2", "model=nld_3b", "parallel=single", "train.dry_run=true", "nodes=32",

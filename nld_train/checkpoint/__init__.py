@@ -114,6 +114,16 @@ def _optimizer_sharded_state(model, optimizer):
     return sd
 
 
+def check_shardable_optimizer_state(model, optimizer) -> None:
+    """Fail at start-up, not at the first save hours later, if a parameter's sharded tensor cannot
+    carry a data-parallel-sharded optimizer state (see ``_as_main_dp_replica``)."""
+    from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map
+    from nld_train.train.optim import local_optimizer
+    params = [p for g in local_optimizer(optimizer).param_groups for p in g["params"]]
+    for sh in get_param_id_to_sharded_param_map(model.sharded_state_dict(), params).values():
+        _as_main_dp_replica(sh)
+
+
 def _as_main_dp_replica(sh):
     from dataclasses import replace
     rid = sh.replica_id

@@ -73,6 +73,8 @@ class Trainer:
         self.params = [p for p in self.ddp.parameters() if p.requires_grad]
         # parallel.distributed_optimizer: the AdamW state split over the data-parallel ranks (ZeRO-1)
         self.optimizer = build_optimizer(self.ddp, t, self._dp_group() if cfg.parallel.distributed_optimizer else None)
+        if cfg.parallel.distributed_optimizer:
+            ckpt.check_shardable_optimizer_state(self.model, self.optimizer)
         o = cfg.objective
         kw = dict(ar_weight=o.ar_weight, normalization=o.loss_normalization)
         if o.name == "joint":

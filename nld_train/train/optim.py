@@ -13,7 +13,8 @@ def build_optimizer(model, t, shard_group=None) -> torch.optim.Optimizer:
 
     With ``shard_group`` (the data-parallel group; ``parallel.distributed_optimizer=true``) the AdamW
     state is split over its ranks (ZeRO stage 1, ``torch.distributed.optim.ZeroRedundancyOptimizer``):
-    each rank keeps the moments of, and updates, only the parameters it owns, then broadcasts them.
+    each rank keeps the moments of, and updates, only the parameters it owns, then broadcasts them
+    (one flat bucket per rank: the parameters become views into ZeRO's buckets).
     Every parameter still gets exactly the same single-tensor AdamW update, so the weights equal the
     unsharded optimizer's bit for bit. docs/parallelism.md says why this and not megatron's
     DistributedOptimizer."""
@@ -26,7 +27,8 @@ def build_optimizer(model, t, shard_group=None) -> torch.optim.Optimizer:
     kw = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, foreach=False)
     if shard_group is None:
         return torch.optim.AdamW(groups, **kw)
-    return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, process_group=shard_group, **kw)
+    return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, process_group=shard_group,
+                                   parameters_as_bucket_view=True, **kw)
 
 
 def local_optimizer(optimizer) -> torch.optim.Optimizer:

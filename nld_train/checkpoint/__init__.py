@@ -84,44 +84,19 @@ def read_meta(step_dir) -> dict:
 
 
 # -- optimizer state <-> sharded tensors ---------------------------------------------------------
-def _optimizer_sharded_state(model, optimizer):
-    """AdamW state as sharded tensors keyed like the model's (``optimizer.state.exp_avg.<param>``).
-
-    The same keys and global shapes whether or not the state is sharded over data-parallel ranks
-    (``parallel.distributed_optimizer``): under ZeRO each rank describes only the parameters it
-    owns, as the unique (main) replica, so checkpoints move freely between both settings and any
-    DP size."""
-    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
-                                                            optim_state_to_sharding_state)
+def _optimizer_params(model, optimizer):
+    """(the optimizer holding this rank's state, its parameters, {state id: the model's sharded
+    tensor of that parameter}). Under ZeRO (parallel.distributed_optimizer) each rank describes
+    only the parameters it owns, as their unique (main) replica: megatron's replica_id ends with the
+    data-parallel rank, which becomes 0."""
+    from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map
     from nld_train.train.optim import is_sharded, local_optimizer
     local = local_optimizer(optimizer)
     params = [p for g in local.param_groups for p in g["params"]]
-    # A fresh AdamW has no state yet; zeros at step 0 are exactly what its first step would create,
-    # so saves before any step and loads into a fresh optimizer see the same structure.
-    for p in params:
-        if not local.state[p]:
-            local.state[p] = dict(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
-                                  exp_avg_sq=torch.zeros_like(p))
-    sd = local.state_dict()
     id_map = get_param_id_to_sharded_param_map(model.sharded_state_dict(), params)
     if is_sharded(optimizer):
-        # megatron's replica_id ends with the data-parallel rank; the owner is the only holder
         id_map = {i: _as_main_dp_replica(sh) for i, sh in id_map.items()}
-    optim_state_to_sharding_state(sd, id_map, exclude_keys=("step",))
-    # AdamW's step is a scalar shared by all params: keep it once, outside the sharded tensors
-    # (the common part is rank 0's, which owns at least the largest parameter)
-    sd["common_step"] = local.state[params[0]]["step"] if params else torch.tensor(0.0)
-    return sd
-
-
-def check_shardable_optimizer_state(model, optimizer) -> None:
-    """Fail at start-up, not at the first save hours later, if a parameter's sharded tensor cannot
-    carry a data-parallel-sharded optimizer state (see ``_as_main_dp_replica``)."""
-    from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map
-    from nld_train.train.optim import local_optimizer
-    params = [p for g in local_optimizer(optimizer).param_groups for p in g["params"]]
-    for sh in get_param_id_to_sharded_param_map(model.sharded_state_dict(), params).values():
-        _as_main_dp_replica(sh)
+    return local, params, id_map
 
 
 def _as_main_dp_replica(sh):
@@ -130,6 +105,33 @@ def _as_main_dp_replica(sh):
     if not isinstance(rid, tuple) or not rid:
         raise CheckpointError(f"unexpected replica_id {rid!r} for {sh.key}: cannot shard its optimizer state")
     return replace(sh, replica_id=(*rid[:-1], 0))
+
+
+def check_shardable_optimizer_state(model, optimizer) -> None:
+    """Fail at start-up, not at the first save hours later, if a parameter's sharded tensor cannot
+    carry a data-parallel-sharded optimizer state."""
+    _optimizer_params(model, optimizer)
+
+
+def _optimizer_sharded_state(model, optimizer):
+    """AdamW state as sharded tensors keyed like the model's (``optimizer.state.exp_avg.<param>``).
+
+    The same keys and global shapes whether or not the state is sharded over data-parallel ranks
+    (see ``_optimizer_params``), so checkpoints move freely between both settings and any DP size."""
+    from megatron.core.dist_checkpointing.optimizer import optim_state_to_sharding_state
+    local, params, id_map = _optimizer_params(model, optimizer)
+    # A fresh AdamW has no state yet; zeros at step 0 are exactly what its first step would create,
+    # so saves before any step and loads into a fresh optimizer see the same structure.
+    for p in params:
+        if not local.state[p]:
+            local.state[p] = dict(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                  exp_avg_sq=torch.zeros_like(p))
+    sd = local.state_dict()
+    optim_state_to_sharding_state(sd, id_map, exclude_keys=("step",))
+    # AdamW's step is a scalar shared by all params: keep it once, outside the sharded tensors
+    # (the common part is rank 0's, which owns at least the largest parameter)
+    sd["common_step"] = local.state[params[0]]["step"] if params else torch.tensor(0.0)
+    return sd
 
 
 def _rng_state() -> dict:

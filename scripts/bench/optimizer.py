@@ -17,7 +17,6 @@ import argparse
 import os
 import shutil
 import tempfile
-import time
 
 import _common as C
 
@@ -62,8 +61,8 @@ def main(argv=None) -> int:
             f"train.max_steps={n_steps}", "train.eval_interval=0", "checkpoint.interval=0"]
     mask_id = load_tokenizer(load_config(base).tokenizer.path).mask_token_id
     trainers, times, opt_times = {}, {}, {}
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     for name, extra in (("replicated", []), ("sharded", ["parallel.distributed_optimizer=true"])):
-        world = int(os.environ.get("WORLD_SIZE", "1"))
         cfg = load_config(base + [f"model.mask_token_id={mask_id}", f"run.dir={tmp}/{name}",
                                   f"train.global_batch_size={args.micro_batch_size * world}", *extra,
                                   *args.overrides])
@@ -72,11 +71,8 @@ def main(argv=None) -> int:
         real_step = tr.optimizer.step
 
         def timed_step(*a, _real=real_step, _out=opt_times[name], _dev=tr.caps.device, **k):
-            C.sync(_dev)
-            t0 = time.perf_counter()
-            r = _real(*a, **k)
-            C.sync(_dev)
-            _out.append(time.perf_counter() - t0)
+            dt, r = C.timed(lambda: _real(*a, **k), _dev)
+            _out.append(dt)
             return r
         tr.optimizer.step = timed_step
     device = next(iter(trainers.values())).caps.device

@@ -84,6 +84,10 @@ def load_config(overrides: list[str], world_size: int | None = None):
     if world_size is None and cfg.train.dry_run:  # the planned job, not this process
         world = cfg.nodes * cfg.gpus_per_node
     validate(cfg, world)
+    # the objective checks what depends on it (an unknown objective.name too); it imports torch,
+    # so it comes after everything that can fail without
+    from nld_train.objective import objective_from_config
+    objective_from_config(cfg)
     return cfg
 
 

@@ -1,10 +1,11 @@
 """Dry-run planner: ``nld-train recipe=... train.dry_run=true nodes=N [gpus_per_node=8]``.
 
 Prints what a layout costs before it burns a cluster-week: parameters, memory per GPU, FLOPs per
-token (stage 1 AR and stage 2 joint, the same formula as the trainer's MFU), steps, tokens and time
-for the token budget at an assumed MFU. A layout whose estimate does not fit in
+token (of every registered objective: stage 1 AR, stage 2 joint; the same formula as the trainer's
+MFU), steps, tokens and time for the token budget at an assumed MFU. A layout whose estimate does not fit in
 ``plan.gpu_memory_gb - plan.reserve_gb`` is refused (exit 2) with a layout or memory option that
-would fit (distributed optimizer, recomputation, a larger TP). No torch import: it runs anywhere.
+would fit (distributed optimizer, recomputation, a larger TP). It imports torch (through the
+objectives, which say how many tokens a sample becomes) but builds nothing on a device.
 
 The memory model is what *this* trainer allocates on CUDA (estimates, not measurements):
 - weights fp32 (4 B/param: bf16 autocast keeps fp32 parameters), gradients fp32 (4 B: megatron
@@ -13,7 +14,8 @@ The memory model is what *this* trainer allocates on CUDA (estimates, not measur
   on the fp32 residual stream (2 x 4h), the two norm outputs (2 x 2h), Q/K/V (2(q + 2kv)), the
   attention output (2q; flash/flex attention keep no S x S matrix), the SwiGLU inputs (2 x 2f) and
   the down-projection input (2f): 12h + 2(q+2kv) + 2q + 6f bytes; q, kv and f are split by TP, the
-  h terms only with sequence parallelism; tokens per micro-batch = MBS x L (AR) or 2L (joint);
+  h terms only with sequence parallelism; tokens per micro-batch = MBS x the objective's tokens per
+  sample (L for AR, 2L for joint);
 - logits: MBS x tokens x padded vocab / TP x 10 B (bf16 logits, their fp32 copy, the saved softmax);
 - parallel.recompute=full: per layer only its input (4h, fp32 residual) is kept, plus one layer's
   activations alive while it is recomputed; selective with "mlp": the MLP's 6f/TP are not kept
@@ -31,6 +33,7 @@ import sys
 from dataclasses import dataclass
 
 from nld_train.config import Config, ModelConfig, padded_vocab_size
+from nld_train.objective import ARObjective, objective_class, objective_from_config, objective_names
 from nld_train.observability import train_flops_per_token
 
 GB = 1e9
@@ -112,7 +115,7 @@ def memory_per_gpu(cfg: Config, tp: int | None = None, recompute: str | None = N
         kept = m.num_layers * (per_token_layer - 6 * f / tp) + 6 * f / tp
     else:
         kept = m.num_layers * per_token_layer
-    tokens = t.micro_batch_size * t.seq_length * (2 if cfg.objective.name == "joint" else 1)
+    tokens = t.micro_batch_size * objective_from_config(cfg).tokens_per_sample(t.seq_length)
     final_norm = 4 * h / sp_div
     return Memory(weights=4 * params, grads=4 * params,
                   optimizer=8 * (sharded_optimizer_max_numel(m, tp, dp) if dist_opt else params),
@@ -184,23 +187,24 @@ def plan(cfg: Config) -> tuple[str, bool]:
     world = cfg.nodes * cfg.gpus_per_node
     tp = cfg.parallel.tensor_model_parallel_size
     dp = world // tp
-    joint = o.name == "joint"
+    objective = objective_from_config(cfg)
     pc = parameter_count(m, tp)
     mem = memory_per_gpu(cfg)
     budget = pl.gpu_memory_gb - pl.reserve_gb
     fits = mem.total / GB <= budget
-    f_ar = train_flops_per_token(m, t.seq_length, False, tp=tp)
-    f_joint = train_flops_per_token(m, t.seq_length, True, o.block_size, tp)
-    f_run = f_joint if joint else f_ar
+    f_run = train_flops_per_token(m, t.seq_length, objective, tp)
+    # every registered objective with this config's settings, against plain AR (what a stage costs)
+    f_ar = train_flops_per_token(m, t.seq_length, ARObjective.from_config(cfg), tp)
+    flops = [(objective_class(n), train_flops_per_token(m, t.seq_length, objective_class(n).from_config(cfg), tp))
+             for n in objective_names()]
     tokens_per_step = t.global_batch_size * t.seq_length
     tokens = t.max_steps * tokens_per_step
     rate = world * pl.peak_tflops * 1e12 * pl.mfu  # model FLOP/s of the whole job
     step_s = f_run * tokens_per_step / rate
     micro = t.global_batch_size // (t.micro_batch_size * dp)
-    seq = f"{2 * t.seq_length} (2L joint)" if joint else str(t.seq_length)
+    seq = objective.describe_tokens(t.seq_length)
     lines = [
-        f"plan: recipe={cfg.recipe} model={m.name} objective={o.name}"
-        + (f" (alpha {o.alpha}, block {o.block_size})" if joint else ""),
+        f"plan: recipe={cfg.recipe} model={m.name} objective={o.name}" + objective.describe(),
         f"  layout      {cfg.nodes} node(s) x {cfg.gpus_per_node} GPUs = {world}; TP {tp}"
         f"{' + SP' if cfg.parallel.sequence_parallel else ''}, DP {dp}; batch {t.global_batch_size} x {t.seq_length}"
         f" = {t.micro_batch_size} x {micro} micro-batches x DP {dp}",
@@ -215,8 +219,8 @@ def plan(cfg: Config) -> tuple[str, bool]:
         f" + logits {mem.logits / GB:.1f} GB",
         f"              = {mem.total / GB:.1f} GB of {budget:.0f} GB usable ({pl.gpu_memory_gb:.0f} GB - "
         f"{pl.reserve_gb:.0f} GB reserve): {'fits' if fits else 'DOES NOT FIT'}",
-        f"  FLOPs/token {f_ar / 1e9:.1f} GFLOP stage 1 (AR), {f_joint / 1e9:.1f} GFLOP stage 2 (joint, "
-        f"{f_joint / f_ar:.2f}x AR); fwd+bwd per data token, Megatron-LM counting",
+        "  FLOPs/token " + ", ".join(f"{f / 1e9:.1f} GFLOP {cls.flops_label(f / f_ar)}" for cls, f in flops)
+        + "; fwd+bwd per data token, Megatron-LM counting",
         f"  budget      {t.max_steps:,} steps x {tokens_per_step:,} tokens = {tokens / 1e9:,.1f} B tokens; "
         f"{f_run * tokens:.3e} FLOPs",
         f"  time        {_fmt_time(step_s * t.max_steps)} at MFU {pl.mfu:.0%} of {pl.peak_tflops:.0f} TFLOP/s "

@@ -126,7 +126,7 @@ def test_decode_bench_random_model(tmp_path, capsys, one_thread):
     assert "kv_write_block" in text and "x AR" in text
     res = json.loads(out.read_text())
     rows = {(r["batch"], r["mode"]): r for r in res["results"]}
-    assert set(rows) == {(b, m) for b in (1, 2) for m in dec.MODES}
+    assert set(rows) == {(b, m) for b in (1, 2) for m in dec.mode_names()}
     for (b, mode), r in rows.items():
         assert r["speed_vs_ar"] == pytest.approx(r["tokens_per_s"] / rows[(b, "ar")]["tokens_per_s"])
         if mode != "diffusion":
@@ -137,6 +137,7 @@ def test_decode_bench_random_model(tmp_path, capsys, one_thread):
 
 def test_train_step_bench_micro(tmp_path, capsys, dist1, one_thread):
     from nld_train.cli import load_config
+    from nld_train.objective import ARObjective, JointObjective
     from nld_train.observability import train_flops_per_token
     ts = _module("train_step")
     out = tmp_path / "ts.json"
@@ -146,8 +147,8 @@ def test_train_step_bench_micro(tmp_path, capsys, dist1, one_thread):
     res = json.loads(out.read_text())["results"][0]
     m = load_config(["recipe=smoke", "model=micro"]).model
     # the bench uses the trainer's FLOPs formula
-    assert res["flops_per_token_ar"] == train_flops_per_token(m, 32, False, 16, 1)
-    assert res["flops_per_token_joint"] == train_flops_per_token(m, 32, True, 16, 1)
+    assert res["flops_per_token_ar"] == train_flops_per_token(m, 32, ARObjective(), 1)
+    assert res["flops_per_token_joint"] == train_flops_per_token(m, 32, JointObjective(m.mask_token_id, 16), 1)
     assert res["joint"]["tflops_executed"] == pytest.approx(res["flops_per_token_joint"] * res["joint"]["tokens_per_s"] / 1e12)
     assert res["joint_over_ar"] == pytest.approx(res["joint"]["step_s"] / res["ar"]["step_s"])
     assert res["joint_over_ar_min"] == pytest.approx(min(res["joint"]["step_s_all"]) / min(res["ar"]["step_s_all"]))

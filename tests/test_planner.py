@@ -3,6 +3,7 @@ import pytest
 
 from nld_train.cli import load_config, main
 from nld_train.config import ModelConfig, padded_vocab_size
+from nld_train.objective import ARObjective, JointObjective
 from nld_train.observability import train_flops_per_token
 from nld_train.plan import memory_per_gpu, parameter_count
 
@@ -38,7 +39,7 @@ def test_ar_flops_equal_megatron_lm(name, seq):
     m = _model(name)
     for tp in (1, 4):
         ref = megatron_lm_flops(m, seq, batch_size=3, tp=tp) / (3 * seq)
-        assert train_flops_per_token(m, seq, joint=False, tp=tp) == pytest.approx(ref, rel=1e-12)
+        assert train_flops_per_token(m, seq, ARObjective(), tp=tp) == pytest.approx(ref, rel=1e-12)
 
 
 @pytest.mark.parametrize("L,B", [(64, 16), (128, 32), (96, 96)])
@@ -53,8 +54,9 @@ def test_joint_flops_count_the_joint_mask(L, B):
     q = m.num_attention_heads * m.kv_channels
     linear = megatron_lm_flops(m, L, 1) / L - 6 * m.num_layers * q * L  # per token: AR minus its attention
     expected = 2 * linear + 12 * m.num_layers * q * (pairs - L / 2) / L
-    assert train_flops_per_token(m, L, joint=True, block_size=B) == pytest.approx(expected, rel=1e-12)
-    ratio = train_flops_per_token(m, L, True, B) / train_flops_per_token(m, L, False)
+    joint = JointObjective(mask_token_id=1, block_size=B)
+    assert train_flops_per_token(m, L, joint) == pytest.approx(expected, rel=1e-12)
+    ratio = train_flops_per_token(m, L, joint) / train_flops_per_token(m, L, ARObjective())
     assert 2.0 < ratio < 2.1  # "the joint step costs ~2x AR"
 
 

@@ -57,7 +57,9 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "ar"  # "ar" (stage 1) or "joint" (stage 2, SFT)
+    # "ar" (stage 1) or "joint" (stage 2, SFT): a name registered in nld_train.objective, which also
+    # checks the keys that depend on it (nld_train.cli.load_config)
+    name: str = "ar"
     alpha: float = 0.3
     ar_weight: float = 1.0
     block_size: int = 32
@@ -344,7 +346,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if m.query_scaling_beta and m.rope_scaling.original_max_position_embeddings <= 0:
         _fail("model.query_scaling_beta", "needs model.rope_scaling.original_max_position_embeddings > 0")
     _choice("model.attention_backend", m.attention_backend, {"auto", "sdpa", "flex"})
-    _choice("objective.name", o.name, {"ar", "joint"})
     _choice("objective.loss_normalization", o.loss_normalization, {"combined", "separate", "per_microbatch"})
     if o.alpha < 0:
         _fail("objective.alpha", f"must be >= 0, got {o.alpha}")
@@ -352,8 +353,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _fail("objective.ar_weight", f"must be >= 0, got {o.ar_weight}")
     if not 0 < o.noise_eps < 1:
         _fail("objective.noise_eps", f"must be in (0, 1), got {o.noise_eps}")
-    if o.name == "joint" and t.seq_length % o.block_size:
-        _fail("train.seq_length", f"{t.seq_length} is not divisible by objective.block_size={o.block_size}")
 
     tp = p.tensor_model_parallel_size
     if world_size % tp:

@@ -5,7 +5,7 @@ writes results.json, results.md, plots and per-sample jsonl. Importing this pack
 training config validates ``eval.*`` through :mod:`nld_train.eval.settings`); torch, the tasks'
 data and matplotlib are imported when used.
 """
-from nld_train.eval.settings import MODES, TASK_NAMES, EvalSettings, mode_keys, validate_settings
+from nld_train.eval.settings import TASK_NAMES, EvalSettings, mode_keys, validate_settings
 
 
 def evaluate(*args, **kwargs):
@@ -13,4 +13,4 @@ def evaluate(*args, **kwargs):
     return _evaluate(*args, **kwargs)
 
 
-__all__ = ["evaluate", "EvalSettings", "MODES", "TASK_NAMES", "mode_keys", "validate_settings"]
+__all__ = ["evaluate", "EvalSettings", "TASK_NAMES", "mode_keys", "validate_settings"]

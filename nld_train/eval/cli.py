@@ -17,8 +17,9 @@ import time
 from dataclasses import fields
 from typing import Sequence
 
+from nld_train.decoding_modes import mode_names
 from nld_train.errors import ConfigError, InputError
-from nld_train.eval.settings import MODES, EvalSettings, validate_settings
+from nld_train.eval.settings import EvalSettings, validate_settings
 
 CLI_ONLY = dict(checkpoint=None, out=None, dtype="float32", device="cpu")
 
@@ -46,9 +47,9 @@ def parse_args(argv: Sequence[str]) -> tuple[dict, EvalSettings]:
             shots[k[len("shots."):]] = _value(v)
         elif "." in k:
             head, arg = k.split(".", 1)
-            if head != "decode" and head not in MODES:
+            if head != "decode" and head not in mode_names():
                 raise ConfigError(f"unknown key {k!r}: dotted keys are shots.<task>, decode.<arg> or <mode>.<arg> "
-                                  f"with a mode in {', '.join(MODES)}")
+                                  f"with a mode in {', '.join(mode_names())}")
             decode_kw.setdefault("*" if head == "decode" else head, {})[arg] = _value(v)
         elif k in known and k not in ("shots", "decode_kwargs"):
             val = _value(v)

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import List, Tuple
 
+from nld_train.decoding_modes import get_mode, mode_names
+
 
 def _fmt(x, spec=".2f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
@@ -47,16 +49,20 @@ def plot_task(task: str, info: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4.2))
     pts = []
-    diff = sorted(((r["tpf"], 100 * r["accuracy"], k) for k, r in info["modes"].items() if k.startswith("diffusion@")))
-    if diff:
-        ax.plot([d[0] for d in diff], [d[1] for d in diff], "-o", color="tab:blue", label="diffusion (thresholds)")
-        for x, y, k in diff:
-            ax.annotate(k.split("@")[1], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    markers = {"ar": ("s", "black"), "linear_spec": ("^", "tab:green"), "quadratic_spec": ("D", "tab:red")}
+    for name in mode_names():   # a threshold-swept mode: one line through its thresholds
+        if not get_mode(name).sweep_thresholds:
+            continue
+        sweep = sorted(((r["tpf"], 100 * r["accuracy"], k) for k, r in info["modes"].items()
+                        if k.startswith(f"{name}@")))
+        if sweep:
+            ax.plot([d[0] for d in sweep], [d[1] for d in sweep], "-" + get_mode(name).marker[0],
+                    color=get_mode(name).marker[1], label=f"{name} (thresholds)")
+            for x, y, k in sweep:
+                ax.annotate(k.split("@")[1], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     for key, r in info["modes"].items():
         pts.append((r["tpf"], 100 * r["accuracy"]))
-        if key in markers:
-            m, c = markers[key]
+        if key in mode_names() and not get_mode(key).sweep_thresholds:
+            m, c = get_mode(key).marker
             ax.plot([r["tpf"]], [100 * r["accuracy"]], m, color=c, label=key, markersize=8)
     front = pareto_front(pts)
     if len(front) > 1:

@@ -25,6 +25,7 @@ from typing import Callable, Dict, List
 
 import torch
 
+from nld_train.decoding_modes import decode, get_mode
 from nld_train.errors import ConfigError
 from nld_train.eval.settings import EvalSettings, mode_keys, validate_settings
 from nld_train.eval.tasks import Sample, Task, check_shots, get_task
@@ -245,7 +246,7 @@ class Evaluator:
         return {"format_version": FORMAT_VERSION, "checkpoint": self.checkpoint, "task": task.name, "mode": key,
                 "prompt_format": self.fmt, "shots": s.shots.get(task.name), "max_new_tokens": mnt,
                 "block_length": self.B, "batch_size": s.batch_size,
-                "spec_threshold": s.spec_threshold if mode == "linear_spec" else None,
+                "spec_threshold": s.spec_threshold if key != "sol" and _drafts(mode) else None,
                 "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed,
                 "dtype": str(self.model.dtype), "decode_kwargs": {k: repr(v) for k, v in sorted(kw.items())},
                 "exec": [s.exec_timeout, s.exec_memory_mb] if task.kind == "code" else None}
@@ -297,11 +298,10 @@ class Evaluator:
                 kw = dict(self._kwargs_for(mode), temperature=s.temperature, top_p=s.top_p)
                 if s.temperature > 0:   # per batch: the same numbers after a resume
                     kw["generator"] = torch.Generator(device=model.device).manual_seed(s.seed * 1_000_003 + bi)
-                if mode == "diffusion":
-                    kw["threshold"] = float(key.split("@")[1])
-                elif mode == "linear_spec":
-                    kw["threshold"] = s.spec_threshold
-                out, nfe = _decode(model, mode, ids, mnt, self.B, mask, kw)
+                # a threshold-swept mode's key names its threshold (mode_keys); others use none
+                thr = float(key.split("@")[1]) if "@" in key else 0.9
+                out, nfe = decode(model, mode, ids, mnt, self.B, threshold=thr, draft_threshold=s.spec_threshold,
+                                  attention_mask=mask, **kw)
             st = model.last_stats
             for r, i in enumerate(gen_idxs):
                 rec = {**base, "idx": i, "id": samples[i].id, "too_long": False, "shots": prompts[i].shots,
@@ -317,13 +317,9 @@ class Evaluator:
         return [records[i] for i in idxs]
 
 
-def _decode(model, mode: str, ids, max_new_tokens: int, block_length: int, mask, kw: dict):
-    """One call of the mode's method (docs/decoding.md); returns (out_ids, nfe), stats in last_stats."""
-    if mode == "ar":
-        return model.ar_generate(ids, max_new_tokens, attention_mask=mask, **kw)
-    method = {"diffusion": model.generate, "linear_spec": model.linear_spec_generate,
-              "quadratic_spec": model.quadratic_spec_generate}[mode]
-    return method(ids, max_new_tokens, block_length=block_length, attention_mask=mask, **kw)
+def _drafts(mode: str) -> bool:
+    """Whether the mode takes the draft threshold (``spec_threshold``), so its results depend on it."""
+    return "draft_threshold" in get_mode(mode).kwargs.values()
 
 
 def evaluate(model, tokenizer, settings: EvalSettings, out, checkpoint: str = "", log=print) -> dict:

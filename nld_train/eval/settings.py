@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from nld_train import decoding_modes
 from nld_train.errors import ConfigError
 
-MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
 TASK_NAMES = ("gsm8k", "math500", "humaneval", "mbpp")
 FORMATS = ("auto", "fewshot", "chat")
 
@@ -15,8 +15,8 @@ FORMATS = ("auto", "fewshot", "chat")
 @dataclass
 class EvalSettings:
     tasks: List[str] = field(default_factory=lambda: ["gsm8k"])
-    modes: List[str] = field(default_factory=lambda: list(MODES))
-    thresholds: List[float] = field(default_factory=lambda: [0.9])   # diffusion, one result per value
+    modes: List[str] = field(default_factory=lambda: list(decoding_modes.mode_names()))
+    thresholds: List[float] = field(default_factory=lambda: [0.9])   # threshold-swept modes: one result per value
     limit: Optional[int] = None             # first n samples of each task (file order)
     batch_size: int = 8
     max_new_tokens: Optional[int] = None    # None = the task's default; rounded up to a multiple of B
@@ -38,10 +38,7 @@ class EvalSettings:
 
 def mode_keys(s: EvalSettings) -> List[str]:
     """Result keys in run order: 'ar', 'diffusion@0.9', ..., 'linear_spec', 'quadratic_spec'."""
-    keys = []
-    for m in s.modes:
-        keys += [f"diffusion@{t:g}" for t in s.thresholds] if m == "diffusion" else [m]
-    return keys
+    return decoding_modes.mode_keys(s.modes, s.thresholds)
 
 
 def validate_settings(s: EvalSettings, prefix: str = "") -> None:
@@ -55,15 +52,17 @@ def validate_settings(s: EvalSettings, prefix: str = "") -> None:
             fail("tasks", f"unknown task {t!r} (known: {', '.join(TASK_NAMES)})")
     if len(set(s.tasks)) != len(s.tasks):
         fail("tasks", f"lists a task twice: {s.tasks}")
+    known = decoding_modes.mode_names()
     if not s.modes:
         fail("modes", "is empty")
     for m in s.modes:
-        if m not in MODES:
-            fail("modes", f"unknown mode {m!r} (known: {', '.join(MODES)})")
+        if m not in known:
+            fail("modes", f"unknown mode {m!r} (known: {', '.join(known)})")
     if len(set(s.modes)) != len(s.modes):
         fail("modes", f"lists a mode twice: {s.modes}")
-    if "diffusion" in s.modes and not s.thresholds:
-        fail("thresholds", "is empty but modes has diffusion")
+    for m in s.modes:
+        if decoding_modes.get_mode(m).sweep_thresholds and not s.thresholds:
+            fail("thresholds", f"is empty but modes has {m}")
     for t in s.thresholds:
         if not isinstance(t, (int, float)) or not 0 < t <= 1:
             fail("thresholds", f"{t!r} is not in (0, 1]")
@@ -91,7 +90,7 @@ def validate_settings(s: EvalSettings, prefix: str = "") -> None:
     if s.exec_timeout <= 0 or s.exec_memory_mb < 64:
         fail("exec_timeout", "exec_timeout must be positive and exec_memory_mb >= 64")
     for k, kw in s.decode_kwargs.items():
-        if k != "*" and k not in MODES:
+        if k != "*" and k not in known:
             fail(f"{k}.", f"decode arguments for unknown mode {k!r}")
         if not isinstance(kw, dict):
             fail(f"{k}.", "must map argument names to values")

@@ -1,6 +1,6 @@
-"""``nld-generate``: decode a prompt with a checkpoint in one of the four modes; and the demo table.
+"""``nld-generate``: decode a prompt with a checkpoint in one of the decoding modes; and the demo table.
 
-    nld-generate checkpoint=<run dir | step dir> mode=ar|diffusion|linear_spec|quadratic_spec|all
+    nld-generate checkpoint=<run dir | step dir> mode={modes}|all
                  prompt="ROMEO:" max_new_tokens=64 block_length=32 threshold=0.9
                  [draft_threshold=0.0  (linear_spec: 0 fills the draft block in one pass, else the
                                         confidence rule until the block is filled)]
@@ -15,81 +15,19 @@ from typing import Sequence
 
 import torch
 
-MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
+from nld_train.decoding_modes import decode, get_mode, mode_names
+from nld_train.inference.sol import sol_tpf
+# the table and the prompt encoding live in inference/table.py (re-exported for existing imports)
+from nld_train.inference.table import decode_table, encode_batch  # noqa: F401
+
 DEFAULTS = dict(checkpoint=None, mode="ar", prompt="ROMEO:", max_new_tokens=64, block_length=32, threshold=0.9,
                 draft_threshold=0.0, thresholds=(0.9,), temperature=0.0, top_p=1.0, seed=0, dtype="float32", device="cpu", sol=False)
 
 
-def decode(model, mode: str, input_ids, max_new_tokens: int, block_length: int = 32, threshold: float = 0.9,
-           attention_mask=None, draft_threshold: float = 0.0, **kw):
-    """One call of ``mode``; returns (out_ids, nfe) and leaves the stats in ``model.last_stats``.
-    ``threshold``: diffusion's confidence threshold; ``draft_threshold``: linear self-speculation's
-    (its own default 0: the whole draft block in one pass)."""
-    if mode == "ar":
-        return model.ar_generate(input_ids, max_new_tokens, attention_mask=attention_mask, **kw)
-    if mode == "diffusion":
-        return model.generate(input_ids, max_new_tokens, block_length=block_length, threshold=threshold,
-                              attention_mask=attention_mask, **kw)
-    if mode == "linear_spec":
-        return model.linear_spec_generate(input_ids, max_new_tokens, block_length=block_length,
-                                          threshold=draft_threshold, attention_mask=attention_mask, **kw)
-    if mode == "quadratic_spec":
-        return model.quadratic_spec_generate(input_ids, max_new_tokens, block_length=block_length,
-                                             attention_mask=attention_mask, **kw)
-    raise ValueError(f"mode={mode!r} is not one of {', '.join(MODES)}")
-
-
-def encode_batch(tokenizer, prompts: Sequence[str], device="cpu"):
-    """Left-padded ids and attention mask for a list of prompts."""
-    encoded = [tokenizer.encode(p, add_special_tokens=False) or [tokenizer.eos_token_id] for p in prompts]
-    P = max(len(e) for e in encoded)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.full((len(prompts), P), pad, dtype=torch.long)
-    mask = torch.zeros(len(prompts), P, dtype=torch.long)
-    for i, e in enumerate(encoded):
-        ids[i, P - len(e):] = torch.tensor(e)
-        mask[i, P - len(e):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _generated(out, P: int, n_new: Sequence[int]):
-    return [out[i, P: P + n].tolist() for i, n in enumerate(n_new)]
-
-
-def decode_table(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64, block_length: int = 32,
-                 thresholds: Sequence[float] = (0.9,), sol: bool = True) -> str:
-    """Decode ``prompts`` (one left-padded batch) in all four modes, diffusion once per confidence
-    threshold; a table of TPF, tokens/s and whether the text equals AR's (greedy self-speculation
-    must always say yes; diffusion need not)."""
-    ids, mask = encode_batch(tokenizer, prompts, model.device)
-    P = ids.shape[1]
-    rows, ar_tokens = [], None
-    runs = [(m, thr) for m in MODES for thr in (thresholds if m == "diffusion" else (None,))]
-    for mode, thr in runs:
-        out, nfe = decode(model, mode, ids, max_new_tokens, block_length, thr if thr is not None else 0.9,
-                          attention_mask=mask)
-        st = model.last_stats
-        gen = _generated(out, P, st.new_tokens)
-        if mode == "ar":
-            ar_tokens = gen
-        same = sum(g == a for g, a in zip(gen, ar_tokens))
-        name = f"{mode}@{thr:g}" if thr is not None else mode
-        rows.append((name, f"{st.tpf:.2f}", f"{st.mean_accepted:.2f}", str(nfe), f"{st.tokens_per_s:.1f}",
-                     f"{same}/{len(prompts)}"))
-    if sol and max_new_tokens % block_length == 0:
-        from nld_train.inference.sol import sol_tpf
-        res = sol_tpf(model, ids, max_new_tokens, block_length, attention_mask=mask)
-        rows.append(("SOL oracle", f"{res.tpf:.2f}", f"{res.mean_accepted:.2f}", str(res.nfe), "-", "-"))
-    head = ("mode", "TPF", "tok/draft", "NFE", "tokens/s", "text == AR")
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
-    lines = [f"decoding {len(prompts)} prompts, {max_new_tokens} new tokens, block {block_length} "
-             f"(batch of {len(prompts)}, greedy; diffusion@t = confidence threshold t)", fmt(head),
-             fmt(tuple("-" * w for w in widths))]
-    lines += [fmt(r) for r in rows]
-    lines.append("TPF = generated tokens / forward passes; tok/draft = tokens committed per draft/denoise "
-                 "pass (AR: 1)")
-    return "\n".join(lines)
+def usage() -> str:
+    """The docstring with the registered modes, and how each counts NFE."""
+    modes = "".join(f"\n    {m:<16}NFE = {get_mode(m).nfe}" for m in mode_names())
+    return __doc__.replace("{modes}", "|".join(mode_names())) + "modes:" + modes
 
 
 def parse_args(argv: Sequence[str]) -> dict:
@@ -113,15 +51,15 @@ def parse_args(argv: Sequence[str]) -> dict:
         args[k] = v
     if not args["checkpoint"]:
         raise ValueError("checkpoint=<run dir or step dir> is required")
-    if args["mode"] not in MODES + ("all",):
-        raise ValueError(f"mode={args['mode']!r} is not one of {', '.join(MODES + ('all',))}")
+    if args["mode"] not in mode_names() + ("all",):
+        raise ValueError(f"mode={args['mode']!r} is not one of {', '.join(mode_names() + ('all',))}")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help", "help") for a in argv):
-        print(__doc__)
+        print(usage())
         return 0
     try:
         a = parse_args(argv)
@@ -157,7 +95,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"--- mode={a['mode']} new_tokens={n} NFE={nfe} TPF={st.tpf:.2f} "
           f"tokens/draft={st.mean_accepted:.2f} tokens/s={n / max(dt, 1e-9):.1f}")
     if a["sol"]:
-        from nld_train.inference.sol import sol_tpf
         res = sol_tpf(model, ids, a["max_new_tokens"], a["block_length"], attention_mask=mask)
         print(f"--- SOL oracle TPF={res.tpf:.2f} (forced commits {res.forced})")
     return 0

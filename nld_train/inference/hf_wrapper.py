@@ -1,11 +1,12 @@
 """The ``transformers`` face of the NLD decoder: HF config <-> :class:`NLDConfig`, and the remote code.
 
 ``nld-convert to-hf`` copies this file, together with the inference files it imports
-(``model.py``, ``decoding.py``, ``masks.py``, ``rope.py``; imports rewritten to relative ones), into
-the export folder. ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` then
-gives :class:`NLDHFForCausalLM`, whose ``ar_generate`` / ``generate`` / ``linear_spec_generate`` /
-``quadratic_spec_generate`` are nld-train's own decoding code (one source of truth), and whose
-``forward`` returns causal-LM logits. Without remote code the same folder loads as a standard
+(``model.py``, ``decoding.py``, ``masks.py``, ``rope.py``, ``decoding_modes.py``; imports rewritten to
+relative ones), into the export folder. ``AutoModelForCausalLM.from_pretrained(folder,
+trust_remote_code=True)`` then gives :class:`NLDHFForCausalLM`, whose ``ar_generate`` / ``generate`` /
+``linear_spec_generate`` / ``quadratic_spec_generate`` (every registered decoding mode's method, and
+``decode(mode, ...)``) are nld-train's own decoding code (one source of truth), and whose ``forward``
+returns causal-LM logits. Without remote code the same folder loads as a standard
 Llama / Mistral / Qwen2 / Ministral-3 causal LM (AR mode).
 
 Depends only on torch, transformers and the inference files above. Refusals raise
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from nld_train.decoding_modes import decode, method_names
 from nld_train.inference.decoding import NLDForDecoding
 from nld_train.inference.masks import causal_mask
 from nld_train.inference.model import NLDConfig, RMSNorm
@@ -258,22 +260,27 @@ class NLDHFForCausalLM(PreTrainedModel):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
-    # -- the four decoding modes of the contract, each -> (out_ids, nfe) ----------------------------
-    @torch.no_grad()
-    def ar_generate(self, input_ids, max_new_tokens, **kw):
-        return self.decoder().ar_generate(input_ids, max_new_tokens, **kw)
-
+    # -- the decoding modes (nld_train/decoding_modes.py), each -> (out_ids, nfe) -------------------
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, block_length=DECODING_BLOCK_SIZE, threshold=0.9, **kw):
+        # explicit: it must replace transformers' GenerationMixin.generate (block diffusion here)
         return self.decoder().generate(input_ids, max_new_tokens, block_length=block_length, threshold=threshold, **kw)
 
     @torch.no_grad()
-    def linear_spec_generate(self, input_ids, max_new_tokens, block_length=DECODING_BLOCK_SIZE, **kw):
-        return self.decoder().linear_spec_generate(input_ids, max_new_tokens, block_length=block_length, **kw)
+    def decode(self, mode: str, input_ids, max_new_tokens, **kw):
+        """Any registered mode by name, with the shared settings (block_length, threshold,
+        draft_threshold) of :func:`decoding_modes.decode`."""
+        return decode(self.decoder(), mode, input_ids, max_new_tokens, **kw)
 
-    @torch.no_grad()
-    def quadratic_spec_generate(self, input_ids, max_new_tokens, block_length=DECODING_BLOCK_SIZE, **kw):
-        return self.decoder().quadratic_spec_generate(input_ids, max_new_tokens, block_length=block_length, **kw)
+    def __getattr__(self, name):
+        # the other modes' methods (ar_generate, linear_spec_generate, ...) are the decoder's own,
+        # looked up when called so that a mode registered later is there too
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in method_names() and hasattr(self.__dict__.get("_nld"), name):
+                return getattr(self.decoder(), name)
+            raise
 
     @property
     def last_stats(self):

@@ -60,17 +60,17 @@ def _hms(s: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def train_flops_per_token(m, seq_len: int, joint: bool, block_size: int = 0, tp: int = 1) -> float:
+def train_flops_per_token(m, seq_len: int, objective, tp: int = 1) -> float:
     """Model FLOPs of forward + backward per *data* token, counted the way Megatron-LM's
     ``num_floating_point_operations`` counts them (tested against a transcription of it):
     every GEMM three times (forward, wgrad, dgrad) at 2 FLOPs per multiply-add, QKV / out / SwiGLU
     MLP / logits over the padded vocabulary, and attention only over the key positions the mask
     lets a query see (causal: S/2 keys per token; embeddings, norms and softmax not counted).
 
-    The joint layout runs 2L tokens per L data tokens, so every GEMM counts twice; its mask lets
-    the L clean tokens see L/2 keys on average and the L noisy tokens (L + B)/2 (their own block
-    plus the clean blocks before it): L + B/2 keys per data token against L/2 for AR.
-    ``block_size`` B matters only for ``joint``; ``tp`` only through the vocabulary padding.
+    The ``objective`` (nld_train.objective) says how many model tokens a sample of ``seq_len`` data
+    tokens becomes (every GEMM runs once per model token: twice for the joint 2L layout) and how
+    many keys a data token attends to (``attended_keys``: L/2 for AR, L + B/2 for joint).
+    ``tp`` matters only through the vocabulary padding.
     """
     from nld_train.config import padded_vocab_size
     h = m.hidden_size
@@ -78,7 +78,7 @@ def train_flops_per_token(m, seq_len: int, joint: bool, block_size: int = 0, tp:
     q, kv = m.num_attention_heads * head_dim, m.num_query_groups * head_dim
     per_layer = h * (q + 2 * kv) + q * h + 3 * h * m.ffn_hidden_size   # QKV, out proj, gate/up + down
     linear = m.num_layers * per_layer + h * padded_vocab_size(m, tp)    # + logits; embedding is a lookup
-    copies, keys = (2, seq_len + block_size / 2) if joint else (1, seq_len / 2)
+    copies, keys = objective.tokens_per_sample(seq_len) // seq_len, objective.attended_keys(seq_len)
     return 6 * (copies * linear + m.num_layers * 2 * q * keys)          # attention: QK^T and AV
 
 

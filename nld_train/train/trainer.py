@@ -43,7 +43,7 @@ class Trainer:
 
         from nld_train.data import MegatronTokenizer, build_datasets, check_mask_token, load_tokenizer
         from nld_train.model.gpt import build_model
-        from nld_train.objective import build_objective
+        from nld_train.objective import objective_from_config
 
         self.cfg, t = cfg, cfg.train
         self.layout = init_distributed(cfg.parallel.tensor_model_parallel_size, cfg.parallel.backend,
@@ -75,12 +75,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.ddp, t, self._dp_group() if cfg.parallel.distributed_optimizer else None)
         if cfg.parallel.distributed_optimizer:
             ckpt.check_shardable_optimizer_state(self.model, self.optimizer)
-        o = cfg.objective
-        kw = dict(ar_weight=o.ar_weight, normalization=o.loss_normalization)
-        if o.name == "joint":
-            kw.update(mask_token_id=cfg.model.mask_token_id, block_size=o.block_size, alpha=o.alpha,
-                      eps=o.noise_eps, seed=t.seed)
-        self.objective = build_objective(o.name, **kw)
+        self.objective = objective_from_config(cfg)
         self.precision = ("bf16" if self.caps.cuda else "fp32") if t.precision == "auto" else t.precision
 
         # resume (full state) takes precedence over init_from (weights only)
@@ -113,7 +108,7 @@ class Trainer:
         n_valid = t.eval_iters * t.global_batch_size if t.eval_interval > 0 else 0
         self.train_ds, self.valid_ds = build_datasets(
             cfg.data, MegatronTokenizer(self.tokenizer), t.seq_length, self.train_samples, n_valid, t.seed,
-            cfg.data.cache_dir or str(self.run_dir / "data_cache"), o.block_size if o.name == "joint" else 1)
+            cfg.data.cache_dir or str(self.run_dir / "data_cache"), self.objective.data_alignment)
 
         self.metrics = MetricsLog(self.run_dir, self.step) if self.rank0 else None
         if self.rank0:
@@ -128,8 +123,7 @@ class Trainer:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
             self.async_queue = AsyncCallsQueue(persistent=False)  # persistent workers need CUDA
         self.preemption = Preemption()
-        self.flops_per_token = train_flops_per_token(cfg.model, t.seq_length, o.name == "joint", o.block_size,
-                                                    self.layout.tp)
+        self.flops_per_token = train_flops_per_token(cfg.model, t.seq_length, self.objective, self.layout.tp)
         self.peak_flops = gpu_peak_flops() if self.precision == "bf16" else None  # MFU vs the bf16 peak
 
     def _check_config_change(self, meta: dict, path) -> None:
@@ -191,14 +185,6 @@ class Trainer:
         with self._autocast():
             return self.ddp(prep.input_ids, prep.position_ids, attn, labels=prep.targets)
 
-    def _loss(self, s_ar, s_diff, prep, counts, n_micro_total):
-        o = self.cfg.objective
-        if o.loss_normalization == "per_microbatch":  # the public recipe: per-micro-batch means
-            n_ar, n_diff = prep.n_ar, prep.n_diff
-        else:
-            n_ar, n_diff = counts[0], counts[1]
-        return self.objective.normalized_loss(s_ar, s_diff, n_ar, n_diff, n_microbatches=n_micro_total)
-
     def forward_backward(self, step: int):
         """Gradients of global batch ``step`` in ``main_grad`` (reduced over DP); returns the
         global loss sums [S_AR, S_diff] and counts [N_AR, N_masked]."""
@@ -209,7 +195,7 @@ class Trainer:
         sums = torch.zeros(2, device=self.device)
         for prep in preps:
             s_ar, s_diff = self.objective.sums(self._forward(prep), prep)
-            self._loss(s_ar, s_diff, prep, counts, n_micro_total).backward()
+            self.objective.loss(s_ar, s_diff, prep, counts, n_micro_total).backward()
             sums += torch.stack([s_ar.detach(), s_diff.detach()]).float()
         finalize_model_grads([self.ddp], num_tokens=None)  # DP all-reduce (sum), SP norm grads
         dist.all_reduce(sums, group=self._dp_group())

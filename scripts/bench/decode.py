@@ -2,7 +2,7 @@
 
     python scripts/bench/decode.py --checkpoint runs/demo/stage2 [--batch-sizes 1 4 8]
 
-Every mode (AR, block diffusion, linear and quadratic self-speculation) decodes the same
+Every registered mode (AR, block diffusion, linear and quadratic self-speculation) decodes the same
 left-padded prompt batch, greedy; modes alternate within each repeat so they see the same machine
 load, and the median tokens/s of ``--repeats`` calls is reported with TPF (generated tokens per
 forward pass, from ``model.last_stats``), NFE, tokens per draft pass, the speed ratio to AR at the
@@ -23,7 +23,9 @@ import sys
 
 import _common as C
 
-MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
+# standard library only (no torch): safe to import before C.setup_env()
+from nld_train.decoding_modes import decode, get_mode, mode_names
+
 PROMPTS = ["ROMEO:", "JULIET:\nO Romeo, Romeo!", "First Citizen:\nBefore we proceed any further, hear me speak.",
            "KING HENRY V:", "HAMLET:\nTo be, or not to be", "MACBETH:", "Enter the Ghost.", "KING LEAR:"]
 
@@ -33,7 +35,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("--checkpoint", default=None, help="run dir, step dir or HF export (default: random tiny model)")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="modes (default: all four)")
+    p.add_argument("--modes", nargs="+", choices=mode_names(), default=list(mode_names()),
+                   help="modes (default: all registered)")
     p.add_argument("--batch-sizes", type=C.positive_int, nargs="+", default=[1, 4, 8],
                    help="batch sizes (default: 1 4 8); prompts are cycled to fill a batch")
     p.add_argument("--max-new-tokens", type=C.positive_int, default=64, help="tokens per row (64)")
@@ -68,7 +71,7 @@ def load(args, device, dtype):
 def batch(args, tok, b, device, vocab):
     import torch
 
-    from nld_train.inference.cli import encode_batch
+    from nld_train.inference.table import encode_batch
     prompts = [(args.prompt or PROMPTS)[i % len(args.prompt or PROMPTS)] for i in range(b)]
     if tok is not None:
         return encode_batch(tok, prompts, device)
@@ -81,7 +84,6 @@ def batch(args, tok, b, device, vocab):
 
 
 def bench_modes(args, model, tok, b, block, device):
-    from nld_train.inference.cli import decode
     ids, mask = batch(args, tok, b, device, model.config.vocab_size)
     P = ids.shape[1]
     runs = {m: [] for m in args.modes}
@@ -192,7 +194,7 @@ def main(argv=None) -> int:
     print(f"forward kinds over a {args.context}-token cache (batch 1, block {block}):")
     print(C.table(("pass", "ms", "x AR step"),
                   [(name, f"{1e3 * t:.3f}", f"{t / ar:.2f}") for name, t in costs.items()]), flush=True)
-    bad = [r for r in results if r["mode"] in ("linear_spec", "quadratic_spec") and r["same_as_ar"] is not None
+    bad = [r for r in results if get_mode(r["mode"]).equals_ar and r["same_as_ar"] is not None
            and r["same_as_ar"] != r["batch"]]
     C.write_json(args.json, {"bench": "decode", "env": env, "argv": sys.argv[1:], "checkpoint": args.checkpoint,
                              "params": n_params, "block_length": block, "results": results, "forward_costs_s": costs})

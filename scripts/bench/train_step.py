@@ -52,7 +52,7 @@ def bench_length(args, L: int, tmp: str) -> dict:
     from nld_train.cli import load_config
     from nld_train.data import load_tokenizer
     from nld_train.model.attention import select_backend
-    from nld_train.objective import build_objective
+    from nld_train.objective import objective_class
     from nld_train.observability import gpu_peak_flops, train_flops_per_token
     from nld_train.train.trainer import Trainer
 
@@ -69,9 +69,7 @@ def bench_length(args, L: int, tmp: str) -> dict:
                               f"train.precision={args.precision}", "checkpoint.interval=0"] + args.overrides)
     tr = Trainer(cfg)
     try:
-        o = cfg.objective
-        objectives = {"joint": tr.objective,
-                      "ar": build_objective("ar", ar_weight=o.ar_weight, normalization=o.loss_normalization)}
+        objectives = {"joint": tr.objective, "ar": objective_class("ar").from_config(cfg)}
         device = tr.caps.device
         times = {k: [] for k in objectives}
         peak_mem = {k: 0 for k in objectives}
@@ -92,8 +90,8 @@ def bench_length(args, L: int, tmp: str) -> dict:
             gpu_peak_flops() if tr.precision == "bf16" else None)
         world = tr.layout.world_size
         # exactly the trainer's MFU numerator (Trainer.flops_per_token), per kind
-        f_ar = train_flops_per_token(cfg.model, L, False, o.block_size, tr.layout.tp)
-        f_joint = train_flops_per_token(cfg.model, L, True, o.block_size, tr.layout.tp)
+        f_ar = train_flops_per_token(cfg.model, L, objectives["ar"], tr.layout.tp)
+        f_joint = train_flops_per_token(cfg.model, L, objectives["joint"], tr.layout.tp)
         rows = {}
         for kind in ("ar", "joint"):
             t = C.median(times[kind])

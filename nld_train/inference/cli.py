@@ -17,8 +17,7 @@ import torch
 
 from nld_train.decoding_modes import decode, get_mode, mode_names
 from nld_train.inference.sol import sol_tpf
-# the table and the prompt encoding live in inference/table.py (re-exported for existing imports)
-from nld_train.inference.table import decode_table, encode_batch  # noqa: F401
+from nld_train.inference.table import decode_table, encode_batch  # noqa: F401  (their home; re-exported)
 
 DEFAULTS = dict(checkpoint=None, mode="ar", prompt="ROMEO:", max_new_tokens=64, block_length=32, threshold=0.9,
                 draft_threshold=0.0, thresholds=(0.9,), temperature=0.0, top_p=1.0, seed=0, dtype="float32", device="cpu", sol=False)

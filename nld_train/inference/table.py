@@ -43,7 +43,7 @@ def decode_table(model, tokenizer, prompts: Sequence[str], max_new_tokens: int =
         gen = _generated(out, P, st.new_tokens)
         if mode == "ar":   # the reference every other mode is compared with
             ar_tokens = gen
-        same = sum(g == a for g, a in zip(gen, ar_tokens))
+        same = sum(g == a for g, a in zip(gen, ar_tokens, strict=True))
         name = f"{mode}@{thr:g}" if thr is not None else mode
         rows.append((name, f"{st.tpf:.2f}", f"{st.mean_accepted:.2f}", str(nfe), f"{st.tokens_per_s:.1f}",
                      f"{same}/{len(prompts)}"))
@@ -52,7 +52,7 @@ def decode_table(model, tokenizer, prompts: Sequence[str], max_new_tokens: int =
         rows.append(("SOL oracle", f"{res.tpf:.2f}", f"{res.mean_accepted:.2f}", str(res.nfe), "-", "-"))
     head = ("mode", "TPF", "tok/draft", "NFE", "tokens/s", "text == AR")
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
     swept = "".join(f"; {m}@t = confidence threshold t" for m in mode_names() if get_mode(m).sweep_thresholds)
     lines = [f"decoding {len(prompts)} prompts, {max_new_tokens} new tokens, block {block_length} "
              f"(batch of {len(prompts)}, greedy{swept})", fmt(head),

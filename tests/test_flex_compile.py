@@ -87,3 +87,49 @@ def test_compiled_packed_block_mask_equals_eager(kind, fresh_dynamo):
     assert torch.equal(again.to_dense(), build_packed_attention_inputs(kind, docs2, bs, "flex",
                                                                        compile_mask=None).block_mask.to_dense())
     assert not torch.equal(again.to_dense(), compiled.to_dense())
+
+
+# -- scripts/bench/attention.py: a fresh recompile budget per case, out-of-memory per case ----------
+def test_attention_bench_resets_dynamo_per_case(tmp_path, monkeypatch, fresh_dynamo):
+    """Two cases with compiled flex (dynamo's eager backend) under recompile_limit=1: each case
+    needs its own graph, so only the per-case reset keeps the second one compiled."""
+    from tests.test_bench import _module
+    import nld_train.model.attention as attention
+    att = _module("attention")
+    monkeypatch.setattr(attention, "_compiled_flex", lambda: _compiled_flex("eager"))
+    out = tmp_path / "att.json"
+    with torch._dynamo.config.patch(recompile_limit=1):
+        assert att.main(["--seq-length", "32", "64", "--block-size", "16", "--backends", "flex", "--compile-flex",
+                         "--warmup", "0", "--repeats", "1", "--json", str(out)]) == 0
+    import json
+    rows = [r for r in json.loads(out.read_text())["results"] if r["backend"] == "flex (compiled)"]
+    assert [r["seq_length"] for r in rows] == [32, 64] and all(r["ok"] for r in rows)
+
+
+def test_attention_bench_reports_out_of_memory_and_goes_on(tmp_path, monkeypatch, capsys):
+    import json
+
+    from tests.test_bench import _module
+    import nld_train.model.attention as attention
+    att = _module("attention")
+    real = attention.attend
+    writes = []
+
+    def attend(q, k, v, spec, *a, **kw):  # the masked-SDPA backend runs out of memory at L = 64
+        if spec.dense is not None and q.shape[2] == 128:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(q, k, v, spec, *a, **kw)
+    monkeypatch.setattr(attention, "attend", attend)
+    real_write = att.C.write_json
+    monkeypatch.setattr(att.C, "write_json", lambda p, payload: (writes.append(json.loads(json.dumps(payload))),
+                                                                 real_write(p, payload)))
+    out = tmp_path / "att.json"
+    assert att.main(["--seq-length", "32", "64", "--block-size", "16", "--backends", "dense", "sdpa",
+                     "--warmup", "0", "--repeats", "1", "--json", str(out)]) == 0
+    assert "out of memory" in capsys.readouterr().out
+    rows = {(r["seq_length"], r["backend"]): r for r in json.loads(out.read_text())["results"]}
+    assert rows[(64, "sdpa")]["status"] == "out of memory" and rows[(64, "sdpa")]["fwd_s"] is None
+    assert rows[(32, "sdpa")]["status"] == "ok" and rows[(32, "sdpa")]["ok"]
+    assert rows[(64, "dense")]["status"] == "ok" and rows[(64, "dense")]["fwd_s"] > 0
+    # written as results arrive: after each case, then once complete
+    assert [(len(w["results"]), w["complete"]) for w in writes] == [(3, False), (6, False), (6, True)]

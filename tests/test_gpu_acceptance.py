@@ -19,16 +19,36 @@ def _module():
     return mod
 
 
+def _bf16_rope_angles_rounded() -> bool:
+    """True while the decoder forms RoPE angles in bf16 (issue 17, item 1): two tokens, the second
+    at position 2001 or 2002; both positions round to 2000 in bf16, so with bf16 angles the outputs
+    are identical, with fp32 angles they differ."""
+    import torch
+
+    from nld_train.inference import NLDConfig, NLDForDecoding
+    cfg = NLDConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    m = NLDForDecoding.random(cfg, seed=0, std=0.5).to(torch.bfloat16)
+    ids = torch.tensor([[5, 9]])
+    with torch.no_grad():
+        a, b = (m(ids, torch.tensor([[0, p]]))[0, 1] for p in (2001, 2002))
+    return torch.equal(a, b)
+
+
 @pytest.mark.slow
 def test_cpu_mode_passes(tmp_path):
     out = tmp_path / "acc"
     # the budget is generous here: a loaded CI machine must not turn into skipped parts
     r = run_group([sys.executable, str(SCRIPT), "--cpu", "--out", str(out), "--budget-s", "600"], 900,
                   cwd=REPO, env=child_env())
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     status = {p["part"]: (p["status"], p["message"]) for p in res["parts"]}
-    assert set(status) == {name for name, *_ in _module().PARTS}
+    if _bf16_rope_angles_rounded():  # the acceptance run must catch the known bf16 RoPE defect
+        assert status.pop("decode_bf16")[0] == "FAIL" and r.returncode == 1
+        res["parts"] = [p for p in res["parts"] if p["part"] != "decode_bf16"]
+    else:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert set(status) | {"decode_bf16"} == {name for name, *_ in _module().PARTS}
     for name, (st, msg) in status.items():
         assert st == "pass" or (st, msg) in {("skipped", "needs CUDA"), ("skipped", "no TE")}, (name, st, msg)
     assert status["cuda_tests"][0] == status["cpu_checkpoint_on_cuda"][0] == "skipped"

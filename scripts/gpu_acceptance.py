@@ -252,17 +252,21 @@ def layouts_part(run):
         ref_logits, ref_grads = forward_backward(n, ref_spec, False)
         logits, grads = forward_backward(n, spec, bf16)
         e_logits = _rel(logits, ref_logits)
-        e_grad = max(float((a - r).norm() / r.norm().clamp(min=1e-12)) for a, r in zip(grads, ref_grads))
+        # all gradients as one vector (a single tiny gradient, e.g. of a norm weight, is noise in bf16)
+        diff = torch.cat([(a - r).flatten() for a, r in zip(grads, ref_grads)])
+        e_grad = float(diff.norm() / torch.cat([r.flatten() for r in ref_grads]).norm().clamp(min=1e-12))
+        worst = max(float((a - r).norm() / r.norm().clamp(min=1e-12)) for a, r in zip(grads, ref_grads))
         backend = "flex" if spec.block_mask is not None else "sdpa"
-        details[name] = {"backend": backend, "err_logits": e_logits, "err_grad": e_grad}
+        details[name] = {"backend": backend, "err_logits": e_logits, "err_grad": e_grad,
+                         "err_grad_worst_parameter": worst}
         if not (e_logits <= tol and e_grad <= tol):
             bad.append(f"{name}: logits {e_logits:.1e}, grad {e_grad:.1e}")
-    msg = "; ".join(f"{k} ({v['backend']}) logits {v['err_logits']:.1e} grad {v['err_grad']:.1e}"
+    msg = "; ".join(f"{k} ({v['backend']}) logits {v['err_logits']:.1e} grads {v['err_grad']:.1e}"
                     for k, v in details.items())
     what = "bf16" if bf16 else "fp32"
     if bad:
         raise Failed(f"{what} vs fp32 dense beyond {tol:g}: {'; '.join(bad)} | {msg}")
-    return msg + f" ({what}, L={L}; logits max rel err, grads rel norm err; limit {tol:g})", details
+    return msg + f" ({what}, L={L}; logits: max rel err, grads: rel norm err of all; limit {tol:g})", details
 
 
 @part("flex_vs_dense", cap_s=120)
@@ -292,8 +296,10 @@ def flex_part(run):
                 return out.detach(), None
             out.backward(dout.to(dev, dt))
             return out.detach(), (q.grad, k.grad, v.grad)
-        ref, ref_grads = run_fn(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
-                                torch.float32, not run.cpu)
+
+        def dense(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        ref, ref_grads = run_fn(dense, torch.float32, not run.cpu)
         flex = lambda q, k, v: attend(q, k, v, spec, compiled_flex=not run.cpu)  # noqa: E731
         dt = torch.float32 if run.cpu else torch.bfloat16
         tol = 2e-4 if run.cpu else 2e-2
@@ -437,7 +443,8 @@ def decode_part(run):
         lg = {dt: m(ids, pos).float() for dt, m in models.items()}
     early = _rel(lg[torch.bfloat16][:, :128], lg[torch.float32][:, :128])
     late = _rel(lg[torch.bfloat16][:, -128:], lg[torch.float32][:, -128:])
-    agree_late = float((lg[torch.bfloat16][:, -128:].argmax(-1) == lg[torch.float32][:, -128:].argmax(-1)).float().mean())
+    top = {dt: x[:, -128:].argmax(-1) for dt, x in lg.items()}
+    agree_late = float((top[torch.bfloat16] == top[torch.float32]).float().mean())
     prompt = ids[:, :64]
     gen = {dt: m.ar_generate(prompt, 32)[0][0, 64:].tolist() for dt, m in models.items()}
     same = sum(x == y for x, y in zip(gen[torch.float32], gen[torch.bfloat16]))
@@ -453,7 +460,7 @@ def decode_part(run):
 
 @part("cuda_tests", needs_cuda=True, cap_s=150)
 def cuda_tests_part(run):
-    out = run.subprocess([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests"],
+    out = run.subprocess([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "tests"],
                          150)
     last = out.strip().splitlines()[-1] if out.strip() else ""
     return last, {"summary": last}

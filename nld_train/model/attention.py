@@ -132,8 +132,6 @@ def build_packed_attention_inputs(kind: str, document_ids: torch.Tensor, block_s
         raise ValueError(f"unknown attention backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     if backend == "auto":
         backend = select_backend(kind)
-    b, n = document_ids.shape
-    s = 2 * n if kind == "joint" else n
     if backend == "flex":
         if compile_mask == "auto":
             compile_mask = "inductor" if document_ids.is_cuda else None

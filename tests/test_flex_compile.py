@@ -49,6 +49,22 @@ def test_flex_past_the_recompile_limit_fails_loudly(fresh_dynamo):
         flex(q, k, v, spec.block_mask, None)
 
 
+def test_new_packed_mask_per_micro_batch_needs_no_new_graph(fresh_dynamo):
+    """Packed SFT builds a new BlockMask (a new mask_mod closure over new document ids) for every
+    micro-batch: neither the compiled builder nor compiled flex may recompile for it, or training
+    would reach the recompile limit (and FlexNotCompiledError) after a few micro-batches."""
+    flex = _compiled_flex("eager")
+    g = torch.Generator().manual_seed(0)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for _ in range(4):
+            docs = torch.cumsum(torch.rand(2, 64, generator=g) < 0.1, 1)
+            spec = build_packed_attention_inputs("joint", docs, 16, "flex", compile_mask="eager")
+            q, kv = torch.randn(2, 4, 128, 16, generator=g), torch.randn(2, 2, 128, 16, generator=g)
+            ref = F.scaled_dot_product_attention(q, kv, kv, attn_mask=packed_attention_mask("joint", docs, 16)[:, None],
+                                                 enable_gqa=True)
+            torch.testing.assert_close(flex(q, kv, kv, spec.block_mask, None), ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_attend_refuses_eager_flex_on_cuda():

@@ -197,7 +197,7 @@ def bench_case(args, L, bs, backends, device, dtype):
     try:
         ref_out, ref_grads = grads_of(dense_call, ref_dtype, True)
     except OOM:
-        ref_out = None
+        ref_out = ref_grads = None
         _release(device)
     timings = []  # (row, key, fn, backward): timed round-robin so every case sees the same load
     for label, fn, has_bwd, frac, status in cases:
@@ -210,7 +210,7 @@ def bench_case(args, L, bs, backends, device, dtype):
         if label.startswith("causal"):
             fn = causal_ref
         elif ref_out is None:
-            row["status"] = "skipped: the fp32 dense reference ran out of memory"
+            row["status"] = "skipped: the dense reference ran out of memory"
             continue
         else:
             try:

@@ -71,7 +71,8 @@ def _packed_block_mask(kind: str, document_ids: torch.Tensor, block_size: int):
 @functools.lru_cache(maxsize=None)
 def _compiled_packed_block_mask(backend: str = "inductor"):
     # Eager create_block_mask evaluates the mask_mod on every (q, kv) pair through vmap and keeps
-    # the [b, S, S] intermediates; compiled it is one fused kernel. Packed rows need a new mask per
+    # the [b, S, S] intermediates; torch.compile(create_block_mask) is torch's own advice (its
+    # deprecated ``_compile`` flag says so) and fuses them. Packed rows need a new mask per
     # micro-batch, so the build is on the step's critical path (scripts/bench/attention.py
     # --mask-build-length times both). The document ids are a traced input: one graph per shape.
     return torch.compile(_packed_block_mask, backend=backend, dynamic=False)

@@ -31,10 +31,51 @@ class AttentionInputs:
     split_clean: bool = False
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled_flex():
+class FlexNotCompiledError(RuntimeError):
+    """FlexAttention was about to run uncompiled where it must be compiled (CUDA)."""
+
+
+def _flex_compiled_only(q, k, v, block_mask, scale):
+    # While dynamo traces this frame ``is_compiling()`` is True and the branch folds away. The frame
+    # runs eagerly only when dynamo gave up on it: past ``torch._dynamo.config.recompile_limit``
+    # (8 graphs by default: one per shape x grad mode), or after a compile error that
+    # ``config.suppress_errors`` swallowed. FlexAttention would then take its unfused path, which
+    # materialises the fp32 [b, h, S, S] scores (8 GiB per 32 heads at S = 8192) and is many
+    # times slower: a silent cliff, so stop here instead.
+    if not torch.compiler.is_compiling():
+        raise FlexNotCompiledError(
+            f"FlexAttention fell back to eager (uncompiled) for q {tuple(q.shape)} {q.dtype} on {q.device}: "
+            f"torch.compile gave up on it, most likely past torch._dynamo.config.recompile_limit "
+            f"(now {torch._dynamo.config.recompile_limit}; every new shape or grad mode is one more graph). "
+            "Raise that limit, call torch._dynamo.reset() between unrelated shapes, or see "
+            "TORCH_LOGS=recompiles for the reason")
     from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention, dynamic=False)
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex(backend: str = "inductor"):
+    """FlexAttention under torch.compile that raises :class:`FlexNotCompiledError` rather than run
+    uncompiled. ``backend`` other than inductor only for tests (eager traces without a compiler)."""
+    return torch.compile(_flex_compiled_only, backend=backend, dynamic=False)
+
+
+def _packed_block_mask(kind: str, document_ids: torch.Tensor, block_size: int):
+    from torch.nn.attention.flex_attention import create_block_mask
+    b, n = document_ids.shape
+    s = 2 * n if kind == "joint" else n
+    return create_block_mask(packed_mask_mod(kind, document_ids, block_size), b, None, s, s,
+                             device=document_ids.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_packed_block_mask(backend: str = "inductor"):
+    # Eager create_block_mask evaluates the mask_mod on every (q, kv) pair through vmap and keeps
+    # the [b, S, S] intermediates; torch.compile(create_block_mask) is torch's own advice (its
+    # deprecated ``_compile`` flag says so) and fuses them. Packed rows need a new mask per
+    # micro-batch, so the build is on the step's critical path (scripts/bench/attention.py
+    # --mask-build-length times both). The document ids are a traced input: one graph per shape.
+    return torch.compile(_packed_block_mask, backend=backend, dynamic=False)
 
 
 BACKENDS = ("auto", "sdpa", "flex")
@@ -80,32 +121,43 @@ def build_attention_inputs(kind: str, seq_len: int, block_size: int, backend: st
 
 
 def build_packed_attention_inputs(kind: str, document_ids: torch.Tensor, block_size: int, backend: str,
-                                  query_scale: Optional[torch.Tensor] = None) -> AttentionInputs:
+                                  query_scale: Optional[torch.Tensor] = None,
+                                  compile_mask: Optional[str] = "auto") -> AttentionInputs:
     """Masks for packed rows (``document_ids`` [b, L]): the layout's mask restricted to each document
-    (:func:`nld_train.objective.masks.packed_allowed`). Built per micro-batch, never cached."""
+    (:func:`nld_train.objective.masks.packed_allowed`). Built per micro-batch, never cached.
+
+    ``compile_mask`` (flex only): the torch.compile backend of the BlockMask builder; "auto" =
+    inductor on CUDA, uncompiled elsewhere (inductor needs a C++ toolchain on CPU, and CPU training
+    uses SDPA); None = uncompiled."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     if backend == "auto":
         backend = select_backend(kind)
-    b, n = document_ids.shape
-    s = 2 * n if kind == "joint" else n
     if backend == "flex":
-        from torch.nn.attention.flex_attention import create_block_mask
-        bm = create_block_mask(packed_mask_mod(kind, document_ids, block_size), b, None, s, s,
-                               device=document_ids.device)
-        return AttentionInputs(kind, block_mask=bm, query_scale=query_scale)
+        if compile_mask == "auto":
+            compile_mask = "inductor" if document_ids.is_cuda else None
+        packed_mask_mod(kind, document_ids, block_size)  # its argument checks, outside the traced code
+        build = _compiled_packed_block_mask(compile_mask) if compile_mask else _packed_block_mask
+        return AttentionInputs(kind, block_mask=build(kind, document_ids, block_size), query_scale=query_scale)
     return AttentionInputs(kind, dense=packed_attention_mask(kind, document_ids, block_size)[:, None],
                            query_scale=query_scale)
 
 
 def attend(q, k, v, spec: AttentionInputs, scale=None, compiled_flex: bool = False):
-    """q [b, h, s, d], k/v [b, g, s, d] (GQA) -> [b, h, s, d]."""
+    """q [b, h, s, d], k/v [b, g, s, d] (GQA) -> [b, h, s, d].
+
+    FlexAttention runs compiled when ``compiled_flex`` (and must on CUDA: uncompiled it
+    materialises the scores; :class:`FlexNotCompiledError` otherwise); eager is for CPU, where
+    compiling needs a toolchain and the eager forward is exact."""
     if spec.query_scale is not None:
         qs = spec.query_scale.to(q.dtype)
         q = q * (qs[:, None, :, None] if qs.dim() == 2 else qs[None, None, :, None])
     if spec.block_mask is not None:
         if compiled_flex:
-            return _compiled_flex()(q, k, v, block_mask=spec.block_mask, scale=scale, enable_gqa=True)
+            return _compiled_flex()(q, k, v, spec.block_mask, scale)
+        if q.is_cuda:
+            raise FlexNotCompiledError("FlexAttention on CUDA must run compiled (compiled_flex=True): "
+                                       "eager flex materialises the [b, h, S, S] scores")
         from torch.nn.attention.flex_attention import flex_attention
         return flex_attention(q, k, v, block_mask=spec.block_mask, scale=scale, enable_gqa=True)
     if spec.kind == "causal" and spec.dense is None:

@@ -196,6 +196,13 @@ def _init_worker(ds, tokenizer, field, kind, template, eos) -> None:
                  chat=ChatFormatter(tokenizer, template) if kind == "chat" else None)
 
 
+def _init_pool_worker(parent_pid: int, *args) -> None:
+    # a pool worker waits for work forever: without this it outlives a killed nld-prepare-data
+    from nld_train.children import exit_with_parent
+    exit_with_parent(parent_pid)
+    _init_worker(*args)
+
+
 def _tokenize_rows(rows: tuple[int, int]):
     """Rows [start, end) -> (ids, lengths, answer mask or None) as flat numpy arrays."""
     start, end = rows
@@ -314,7 +321,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     if num_proc > 1:
         import multiprocessing
         # fork: the workers inherit the memory-mapped dataset and the loaded tokenizer
-        pool = multiprocessing.get_context("fork").Pool(num_proc, _init_worker, args)
+        pool = multiprocessing.get_context("fork").Pool(num_proc, _init_pool_worker, (os.getpid(), *args))
     else:
         _init_worker(*args)
     tokens_new, t_tok = 0, time.perf_counter()

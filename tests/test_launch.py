@@ -77,15 +77,23 @@ def test_one_process_commands_bind_no_port_and_leave_the_environment(dist1, tmp_
 
 def test_launched_world_size_reads_only_world_size(monkeypatch):
     from nld_train.dist import launched_world_size
-    for k in STALE:
+    from nld_train.errors import InputError
+    for k in (*STALE, "SLURM_STEP_NUM_TASKS"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("MASTER_PORT", "1")  # alone it means nothing
     assert launched_world_size() == 1
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert launched_world_size() == 4
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")  # ignored when a launcher set WORLD_SIZE
+    assert launched_world_size() == 4
     monkeypatch.setenv("WORLD_SIZE", "four")
-    with pytest.raises(ValueError, match="WORLD_SIZE='four'"):
+    with pytest.raises(InputError, match="WORLD_SIZE='four'"):
         launched_world_size()
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(InputError, match="one of 2 tasks of an srun step, but WORLD_SIZE is not set"):
+        launched_world_size()
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
+    assert launched_world_size() == 1
 
 
 # -- 4. --cfg job / all -----------------------------------------------------------------------------

@@ -247,7 +247,19 @@ def _shard_done(shard: str, fingerprint: str, kind: str) -> dict | None:
 
 
 def prepare(cfg: PrepareConfig) -> dict:
-    """Run the preparation; returns the manifest."""
+    """Run the preparation; returns the manifest. The caller's TOKENIZERS_PARALLELISM (set to false
+    for the worker processes) is restored, so commands it starts later are not affected."""
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    try:
+        return _prepare(cfg)
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+
+
+def _prepare(cfg: PrepareConfig) -> dict:
     from nld_train.data.indexed import (
         LOSS_MASK_SUFFIX, SIDECAR_FORMAT, IndexedWriter, read_sidecar, token_dtype, write_json_atomic)
     from nld_train.data.sft import DEFAULT_CHAT_TEMPLATE

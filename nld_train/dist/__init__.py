@@ -100,13 +100,24 @@ def launched_world_size() -> int:
     started on its own. Only WORLD_SIZE decides: RANK/MASTER_* left over from another command (a
     parent that ran init_distributed in an older version, a shell that exported them) do not make a
     one-process command join a rendezvous."""
-    raw = os.environ.get("WORLD_SIZE", "1")
+    from nld_train.errors import InputError
+
+    raw = os.environ.get("WORLD_SIZE")
+    if raw is None:
+        # `srun -n 8 nld-train ...` without a launcher: every task would train on its own, all
+        # into the same run.dir (SLURM_STEP_NUM_TASKS exists in srun's tasks, not in the batch shell)
+        tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "1")
+        if tasks.isdigit() and int(tasks) > 1:
+            raise InputError(f"started as one of {tasks} tasks of an srun step, but WORLD_SIZE is not set: each "
+                             "task would run alone. Submit with slurm/train.sbatch (it sets RANK/WORLD_SIZE per "
+                             "task), or run one task (srun --ntasks=1)")
+        return 1
     try:
         world = int(raw)
     except ValueError:
-        raise ValueError(f"WORLD_SIZE={raw!r} in the environment is not a number") from None
+        raise InputError(f"WORLD_SIZE={raw!r} in the environment is not a number") from None
     if world < 1:
-        raise ValueError(f"WORLD_SIZE={world} in the environment must be >= 1")
+        raise InputError(f"WORLD_SIZE={world} in the environment must be >= 1")
     return world
 
 
@@ -136,7 +147,8 @@ def init_distributed(tensor_model_parallel_size: int, backend: str = "auto", tim
         if world == 1:
             rank = os.environ.get("RANK", "0")
             if rank != "0":
-                raise ValueError(f"RANK={rank} in the environment, but WORLD_SIZE is 1")
+                from nld_train.errors import InputError
+                raise InputError(f"RANK={rank} in the environment, but WORLD_SIZE is 1")
             # megatron's sub-groups (new_group) share this store under their own prefixes
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:

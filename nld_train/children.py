@@ -43,7 +43,9 @@ _WRITER_PARENT = 0   # the process that forks the writers of the current save (f
 
 def install_checkpoint_writer_hooks() -> None:
     """Make megatron's checkpoint helper processes exit with their parent (see the module doc).
-    Idempotent; call before the first ``dist_checkpointing.save`` of the process."""
+    Idempotent; call before the first ``dist_checkpointing.save`` of the process. Save from the
+    main thread (as the trainer does): Linux sends the parent-death signal when the *thread* that
+    started a child exits, so a manager started from a short-lived thread would die with it."""
     global _INSTALLED, _OWNER
     if _INSTALLED:
         return

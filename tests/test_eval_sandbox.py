@@ -3,7 +3,9 @@
 The strongest checks (own uid, private /tmp, network and PID namespaces) need root, as on CI; as a
 non-root user only what the jail then promises is checked (see docs/evaluation.md).
 """
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -149,12 +151,17 @@ def test_a_killed_evaluator_takes_the_sandboxed_program_with_it():
     code = ("from nld_train.eval.sandbox import SandboxLimits, run_python\n"
             "run_python('import time\\ntime.sleep(300)\\n', SandboxLimits(timeout_s=300))\n")
     evaluator = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    scratch = None
     try:
         deadline = time.time() + 60
         while not any(_cmdline(p).endswith("\0-s\0program.py\0") for p in _descendants(evaluator.pid)):
             assert evaluator.poll() is None and time.time() < deadline, "the sandboxed program never started"
             time.sleep(0.05)
         jailed = _descendants(evaluator.pid)
+        for p in jailed:  # the run's temporary folder, which the killed evaluator cannot remove
+            args = _cmdline(p).split("\0")
+            if len(args) > 4 and args[3].endswith("_sandbox_child.py"):
+                scratch = Path(json.loads(args[4])["program"]).parents[1]
         os.kill(evaluator.pid, signal.SIGKILL)
         evaluator.wait()
         deadline = time.time() + 10
@@ -165,3 +172,5 @@ def test_a_killed_evaluator_takes_the_sandboxed_program_with_it():
         if evaluator.poll() is None:
             evaluator.kill()
             evaluator.wait()
+        if scratch is not None and scratch.name.startswith("nld-sandbox-"):
+            shutil.rmtree(scratch, ignore_errors=True)

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, child_env, run_cli
+from tests.conftest import REPO, child_env
 from tests.test_robustness import Cli
 from tests.test_trainer import make_trainer
 
-pytestmark = pytest.mark.slow
 STALE = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -36,6 +35,7 @@ print(json.dumps({"changed": changed, "child_rc": child.returncode, "child_err":
 """
 
 
+@pytest.mark.slow
 def test_one_process_commands_bind_no_port_and_leave_the_environment(dist1, tmp_path):
     """Concurrent one-process commands whose environment holds a stale rendezvous (RANK=0
     WORLD_SIZE=1 ... and a MASTER_PORT some other process is listening on) all run; load_model
@@ -158,6 +158,7 @@ def _cmdline(pid: int) -> str:
         return "?"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("async_save", [False])  # async_save=true: the same (checked by hand)
 def test_sigkill_mid_save_leaves_no_process(tmp_path, async_save):
     """SIGKILL to nld-train (the process only, as the OOM killer does) while it writes a

@@ -123,8 +123,8 @@ def test_train_sbatch_completes_srun_launcher(slurm, tmp_path):
 
 @pytest.mark.parametrize("opts, env, needle", [
     (["--gpus-per-node=2", "--ntasks-per-node=3"], {},
-     "error: 3 tasks per node but 2 GPUs per node: submit with --ntasks-per-node=1 (torchrun starts one rank per GPU)"
-     " or --ntasks-per-node=2 (one task per GPU)"),
+     ("error: 3 tasks per node but 2 GPUs per node: submit with --ntasks-per-node=1 (torchrun starts one rank per GPU)"
+      " or --ntasks-per-node=2 (one task per GPU)")),
     (["--gpus-per-node=2", "--ntasks-per-node=2"], {"NLD_LAUNCHER": "torchrun"},
      "error: NLD_LAUNCHER=torchrun runs one task per node"),
     (["--gpus-per-node=2"], {"NLD_NPROC_PER_NODE": "3"},

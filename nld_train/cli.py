@@ -7,6 +7,7 @@ once, naming the key. A recipe with a ``pipeline`` runs its stages one after ano
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ groups:   model={models}  objective={objectives}  parallel={parallels}  data={da
 examples: nld-train recipe=demo
           nld-train recipe=smoke run.dir=runs/x train.max_steps=12 checkpoint.interval=3
           torchrun --nproc_per_node=2 -m nld_train.cli recipe=smoke parallel=tp2
+          nld-train recipe=smoke train.lr=1e-3 --cfg job [--resolve] [-p train]   (print the config, run nothing)
 Resuming is automatic when run.dir already holds a checkpoint. Docs: docs/recipes.md"""
 
 
@@ -55,31 +57,52 @@ class UsageError(ValueError):
     pass
 
 
-def load_config(overrides: list[str], world_size: int | None = None):
-    """Compose, type-check and validate; returns a :class:`nld_train.config.Config`."""
-    from hydra import compose, initialize_config_dir
+@contextlib.contextmanager
+def _config_errors():
+    """Hydra/OmegaConf errors -> ConfigError with the whole chain (Hydra wraps the message that
+    names the key)."""
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from nld_train.config import Config, ConfigError, validate
+    from nld_train.config import ConfigError
+    try:
+        yield
+    except (HydraException, OmegaConfBaseException) as e:
+        msg, cause = str(e), e.__cause__
+        while cause is not None:
+            msg += f"\n  {cause}"
+            cause = cause.__cause__
+        raise ConfigError(msg) from None
+
+
+def compose_config(overrides: list[str]):
+    """The recipe with its overrides, merged into the typed schema (wrong keys and types fail
+    here); a DictConfig, interpolations not yet resolved."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from nld_train.config import Config
 
     recipe = [o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")]
     if not recipe:
         raise UsageError("missing recipe=<name>; available: " + _options("recipe"))
     _register()
-    try:
+    with _config_errors():
         with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
             node = compose("config", overrides=list(overrides))
         # re-merge into a fresh schema: keys appended with `+` must exist in the dataclasses too
-        node = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(node), {"recipe": recipe[-1]})
+        return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(node), {"recipe": recipe[-1]})
+
+
+def load_config(overrides: list[str], world_size: int | None = None):
+    """Compose, type-check and validate; returns a :class:`nld_train.config.Config`."""
+    from omegaconf import OmegaConf
+
+    from nld_train.config import validate
+
+    node = compose_config(overrides)
+    with _config_errors():
         cfg = OmegaConf.to_object(node)
-    except (HydraException, OmegaConfBaseException) as e:
-        msg, cause = str(e), e.__cause__
-        while cause is not None:  # Hydra wraps the message that names the key; show the chain
-            msg += f"\n  {cause}"
-            cause = cause.__cause__
-        raise ConfigError(msg) from None
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     if world_size is None and cfg.train.dry_run:  # the planned job, not this process
         world = cfg.nodes * cfg.gpus_per_node
@@ -89,6 +112,71 @@ def load_config(overrides: list[str], world_size: int | None = None):
     from nld_train.objective import objective_from_config
     objective_from_config(cfg)
     return cfg
+
+
+def _cfg_flags(argv: list[str]) -> tuple[list[str], tuple | None]:
+    """Hydra's ``--cfg job|all [--resolve] [--package|-p <key>]``, taken out of the overrides:
+    (the overrides, (resolve, package) or None)."""
+    rest, kind, resolve, package = [], None, False, None
+    it = iter(argv)
+    for a in it:
+        if a in ("--cfg", "-c") or a.startswith("--cfg="):
+            kind = a.split("=", 1)[1] if "=" in a else next(it, None)
+            if kind not in ("job", "all"):
+                if kind == "hydra":
+                    raise UsageError("--cfg hydra: nld-train composes with Hydra's compose API and has no hydra "
+                                     "runtime config; use --cfg job (or all, the same here)")
+                raise UsageError(f"--cfg needs one of job, all (got {kind!r})")
+        elif a in ("--package", "-p") or a.startswith("--package="):
+            package = a.split("=", 1)[1] if "=" in a else next(it, None)
+            if not package:
+                raise UsageError("--package needs a config key, e.g. -p train or -p run.dir")
+        elif a == "--resolve":
+            resolve = True
+        elif a.startswith("-"):  # overrides never start with "-" (they may with "+", "++", "~")
+            raise UsageError(f"unknown option {a}: nld-train takes recipe=<name> and key=value overrides, "
+                             "--cfg job|all [--resolve] [-p <key>], --help")
+        else:
+            rest.append(a)
+    if kind is None and (resolve or package):
+        raise UsageError("--resolve only with --cfg job|all" if resolve else "--package only with --cfg job|all")
+    return rest, ((resolve, package) if kind else None)
+
+
+def _print_config(overrides: list[str], resolve: bool, package: str | None) -> int:
+    """Print the composed config (or the node at ``package``) as YAML, a single value as itself.
+    Nothing is validated against a world size and nothing is started: the check of a planned job
+    is ``train.dry_run=true``. (``all`` = ``job``: there is no ``hydra:`` node to add.) With
+    ``--resolve`` and a package only that node is resolved (the whole config would also build the
+    demo corpus that ``data.path`` names)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    node = compose_config(overrides)
+    with _config_errors():
+        if package and resolve:
+            tree = OmegaConf.select(node, package, default=_NO_KEY)
+            if isinstance(tree, (DictConfig, ListConfig)):
+                tree = OmegaConf.to_container(tree, resolve=True)
+        else:
+            tree = OmegaConf.to_container(node, resolve=resolve)
+            for part in (package.split(".") if package else []):
+                if isinstance(tree, dict) and part in tree:
+                    tree = tree[part]
+                elif isinstance(tree, list) and part.isdigit() and int(part) < len(tree):
+                    tree = tree[int(part)]
+                else:
+                    tree = _NO_KEY
+                    break
+    if tree is _NO_KEY:
+        raise UsageError(f"--package {package}: no such key in the config")
+    if isinstance(tree, (dict, list)):
+        sys.stdout.write(OmegaConf.to_yaml(tree))
+    else:
+        print("null" if tree is None else tree)
+    return 0
+
+
+_NO_KEY = object()
 
 
 def stage_overrides(cfg, overrides: list[str]) -> list[tuple[str, list[str]]]:
@@ -116,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
                            parallels=_options("parallel"), datas=_options("data")))
         return 0
     try:
+        argv, show = _cfg_flags(argv)
+        if show:
+            return _print_config(argv, *show)
         cfg = load_config(argv)
         stages = [(cfg.run.dir, argv, cfg)] if not cfg.pipeline else \
             [(d, ov, load_config(ov)) for d, ov in stage_overrides(cfg, argv)]

@@ -43,9 +43,27 @@ nld_check_python() {
 export CUDA_DEVICE_MAX_CONNECTIONS TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_NCCL_DUMP_ON_TIMEOUT \
   TORCH_NCCL_AVOID_RECORD_STREAMS NCCL_DEBUG NCCL_IB_TIMEOUT OMP_NUM_THREADS
 
-# --- logs: the batch log is --output; per-node / per-rank logs go to NLD_LOG_DIR -----------------
-NLD_LOG_DIR=${NLD_LOG_DIR:-logs}/${SLURM_JOB_NAME:-nld}-${SLURM_JOB_ID}
-mkdir -p "$NLD_LOG_DIR" || nld_die "cannot create the log folder $NLD_LOG_DIR"
+# --- logs: the batch log is --output (the submit directory); per-node / per-rank logs of
+# train.sbatch go to <NLD_LOG_DIR or run.dir/logs>/<job name>-<job id> (nld_make_log_dir) --------
+nld_make_log_dir() {  # $1: the root; sets NLD_LOG_DIR to this job's folder in it and creates it
+  NLD_LOG_DIR=$1/${SLURM_JOB_NAME:-nld}-${SLURM_JOB_ID}
+  mkdir -p "$NLD_LOG_DIR" || nld_die "cannot create the log folder $NLD_LOG_DIR"
+}
+
+# run.dir of the nld-train arguments "$@", as nld-train composes it (recipes set their own), or
+# exit with nld-train's configuration error in the batch log. Printed, not started: --cfg job.
+nld_run_dir() {
+  local out rc
+  if [[ -n ${NLD_CONTAINER_IMAGE:-} ]]; then  # the Python exists only inside the container
+    out=$(srun --nodes=1 --ntasks=1 "${NLD_CONTAINER_ARGS[@]}" \
+            "$NLD_PYTHON" -m nld_train.cli "$@" --cfg job --resolve --package run.dir)
+  else
+    out=$("$NLD_PYTHON" -m nld_train.cli "$@" --cfg job --resolve --package run.dir)
+  fi
+  rc=$?
+  (( rc == 0 )) && [[ -n $out ]] || nld_die "nld-train could not compose its configuration from the arguments (above)"
+  printf '%s\n' "$out"
+}
 
 # --- containers (pyxis), optional: only the srun line gets the flags ------------------------------
 NLD_CONTAINER_ARGS=()
@@ -57,6 +75,6 @@ fi
 
 nld_describe() {
   nld_log "nodes=${SLURM_JOB_NODELIST:-?} (${SLURM_NNODES:-1}) cwd=$PWD python=$NLD_PYTHON" \
-          "container=${NLD_CONTAINER_IMAGE:-none} logs=$NLD_LOG_DIR"
+          "container=${NLD_CONTAINER_IMAGE:-none}${NLD_LOG_DIR:+ logs=$NLD_LOG_DIR}"
   nld_log "args: $*"
 }

@@ -36,8 +36,10 @@ def one_thread():
 
 
 def child_env(extra=None) -> dict:
-    """os.environ for a CLI subprocess. The in-process 1-rank group (fixture dist1) leaves its
-    rendezvous variables in os.environ; a child must not inherit them (it would bind the same port)."""
+    """os.environ for a CLI subprocess, without rendezvous variables. The product no longer needs
+    this (a 1-process group binds no port and writes nothing to os.environ; a stale RANK=0
+    WORLD_SIZE=1 MASTER_* is ignored, tests/test_launch.py): it only keeps a shell's exported
+    WORLD_SIZE > 1 from turning a test's one-process command into a rank of a rendezvous."""
     e = {k: v for k, v in os.environ.items()
          if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     e.update(extra or {})

@@ -3,8 +3,12 @@
 The strongest checks (own uid, private /tmp, network and PID namespaces) need root, as on CI; as a
 non-root user only what the jail then promises is checked (see docs/evaluation.md).
 """
+import json
 import os
+import shutil
+import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -107,3 +111,66 @@ def test_root_isolation_network_and_processes():
 def test_output_flood_is_capped():
     r = run_python("while True:\n    print('x' * 4096)\n", FAST)
     assert not r.passed and len(r.stdout) <= 2000
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(d))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
+
+
+def test_a_killed_evaluator_takes_the_sandboxed_program_with_it():
+    """SIGKILL to the evaluator while a program sleeps in the jail (no CPU time: RLIMIT_CPU never
+    fires, the evaluator's timeout is gone with it): launcher and program exit within seconds."""
+    code = ("from nld_train.eval.sandbox import SandboxLimits, run_python\n"
+            "run_python('import time\\ntime.sleep(300)\\n', SandboxLimits(timeout_s=300))\n")
+    evaluator = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    scratch = None
+    try:
+        deadline = time.time() + 60
+        while not any(_cmdline(p).endswith("\0-s\0program.py\0") for p in _descendants(evaluator.pid)):
+            assert evaluator.poll() is None and time.time() < deadline, "the sandboxed program never started"
+            time.sleep(0.05)
+        jailed = _descendants(evaluator.pid)
+        for p in jailed:  # the run's temporary folder, which the killed evaluator cannot remove
+            args = _cmdline(p).split("\0")
+            if len(args) > 4 and args[3].endswith("_sandbox_child.py"):
+                scratch = Path(json.loads(args[4])["program"]).parents[1]
+        os.kill(evaluator.pid, signal.SIGKILL)
+        evaluator.wait()
+        deadline = time.time() + 10
+        while (left := [p for p in jailed if _alive(p)]) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not left, f"still running after the evaluator was killed: {left}"
+    finally:
+        if evaluator.poll() is None:
+            evaluator.kill()
+            evaluator.wait()
+        if scratch is not None and scratch.name.startswith("nld-sandbox-"):
+            shutil.rmtree(scratch, ignore_errors=True)

@@ -98,12 +98,12 @@ def assert_checkpoint(run_dir: Path, step: int):
 
 
 def test_train_sbatch_completes_srun_launcher(slurm, tmp_path):
-    """One task per rank started by srun (NLD_LAUNCHER=srun): metrics, checkpoint, per-rank logs,
-    and the Hydra overrides arrive unchanged."""
+    """--ntasks-per-node=<GPUs per node> (Megatron-LM's habit) with the default launcher: one task
+    per rank started by srun. Metrics, checkpoint, per-rank logs in run.dir/logs (not the submit
+    directory), and the Hydra overrides arrive unchanged."""
     run = tmp_path / "run"
     jid = sbatch(slurm, tmp_path, "slurm/train.sbatch", "recipe=smoke", f"run.dir={run}", "train.max_steps=4",
-                 "objective.alpha=0.25", "wandb.name=a b", sbatch_opts=["--gpus-per-node=2", "--ntasks-per-node=2"],
-                 extra_env={"NLD_LAUNCHER": "srun"})
+                 "objective.alpha=0.25", "wandb.name=a b", sbatch_opts=["--gpus-per-node=2", "--ntasks-per-node=2"])
     rc, out = wait(slurm, jid)
     assert rc == 0, out
     assert metric_steps(run) == [1, 2, 3, 4]
@@ -112,10 +112,47 @@ def test_train_sbatch_completes_srun_launcher(slurm, tmp_path):
     assert_checkpoint(run, 4)
     cfg = (run / "config.yaml").read_text()
     assert "alpha: 0.25" in cfg and "name: a b" in cfg
-    logs = tmp_path / "logs" / f"nld-train-{jid}"
+    logs = run / "logs" / f"nld-train-{jid}"
     assert "world=2" in (logs / "rank-0.out").read_text()
     assert (logs / "rank-1.out").exists()
-    assert "launcher=srun world=2" in (tmp_path / f"nld-train-{jid}.out").read_text()
+    batch_log = (tmp_path / f"nld-train-{jid}.out").read_text()
+    assert "2 tasks per node, 2 GPUs per node: one rank per task (NLD_LAUNCHER=srun)" in batch_log
+    assert "launcher=srun world=2" in batch_log and f"logs={logs}" in batch_log
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"nld-train-{jid}.out", "run"]  # nothing else here
+
+
+@pytest.mark.parametrize("opts, env, needle", [
+    (["--gpus-per-node=2", "--ntasks-per-node=3"], {},
+     ("error: 3 tasks per node but 2 GPUs per node: submit with --ntasks-per-node=1 (torchrun starts one rank per GPU)"
+      " or --ntasks-per-node=2 (one task per GPU)")),
+    (["--gpus-per-node=2", "--ntasks-per-node=2"], {"NLD_LAUNCHER": "torchrun"},
+     "error: NLD_LAUNCHER=torchrun runs one task per node"),
+    (["--gpus-per-node=2"], {"NLD_NPROC_PER_NODE": "3"},
+     "error: NLD_NPROC_PER_NODE=3 ranks per node but 2 GPUs per node"),
+])
+def test_train_sbatch_refuses_tasks_that_do_not_fit_the_gpus(slurm, tmp_path, opts, env, needle):
+    """Tasks per node that the launcher cannot map one rank per GPU: one line before launch."""
+    run = tmp_path / "run"
+    jid = sbatch(slurm, tmp_path, "slurm/train.sbatch", "recipe=smoke", f"run.dir={run}", sbatch_opts=opts,
+                 extra_env=env)
+    rc, out = wait(slurm, jid, timeout=60)
+    assert rc != 0, out
+    log = (tmp_path / f"nld-train-{jid}.out").read_text()
+    errors = [ln for ln in log.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and needle in errors[0], log
+    assert "launcher=" not in log and not run.exists() and not (tmp_path / "logs").exists()
+
+
+def test_train_sbatch_configuration_error_before_launch(slurm, tmp_path):
+    """The run dir (for the logs) comes from nld-train's own composition: a wrong key stops the job
+    at once with nld-train's message in the batch log."""
+    jid = sbatch(slurm, tmp_path, "slurm/train.sbatch", "recipe=smoke", "train.nope=1",
+                 sbatch_opts=["--gpus-per-node=2"])
+    rc, out = wait(slurm, jid, timeout=60)
+    assert rc != 0, out
+    log = (tmp_path / f"nld-train-{jid}.out").read_text()
+    assert "Key 'nope' not in 'TrainConfig'" in log and "could not compose its configuration" in log, log
+    assert "launcher=" not in log and sorted(p.name for p in tmp_path.iterdir()) == [f"nld-train-{jid}.out"]
 
 
 def test_train_sbatch_preempt_requeue_resume(slurm, tmp_path):
@@ -126,7 +163,7 @@ def test_train_sbatch_preempt_requeue_resume(slurm, tmp_path):
     run, max_steps = tmp_path / "run", 10
     jid = sbatch(slurm, tmp_path, "slurm/train.sbatch", "recipe=smoke", f"run.dir={run}",
                  f"train.max_steps={max_steps}", "checkpoint.interval=0", "parallel.distributed_optimizer=true",
-                 sbatch_opts=["--gpus-per-node=2"])
+                 sbatch_opts=["--gpus-per-node=2"], extra_env={"NLD_LOG_DIR": str(tmp_path / "joblogs")})
     deadline = time.time() + 180
     while len(metric_steps(run)) < 2:  # training is under way
         assert time.time() < deadline, "no training steps within 180 s"
@@ -137,7 +174,7 @@ def test_train_sbatch_preempt_requeue_resume(slurm, tmp_path):
     batch_log = (tmp_path / f"nld-train-{jid}.out").read_text()
     assert "preempted: requeueing job" in batch_log and "requeue failed" not in batch_log
     assert f"job {jid} restart 1]" in batch_log  # the same job ran again (SLURM_RESTART_COUNT=1)
-    node_log = (tmp_path / "logs" / f"nld-train-{jid}" / "node-0.out").read_text()
+    node_log = (tmp_path / "joblogs" / f"nld-train-{jid}" / "node-0.out").read_text()  # NLD_LOG_DIR
     m = re.search(r"preempted \(SIGTERM\): checkpoint at step (\d+) committed, exiting with code 75", node_log)
     assert m, node_log[-3000:]
     k = int(m.group(1))

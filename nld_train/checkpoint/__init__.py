@@ -173,6 +173,9 @@ def save(run_dir, step: int, model, optimizer, meta: dict, keep_last: int, keep_
     boundary; until then ``latest`` still names the previous checkpoint.
     """
     from megatron.core import dist_checkpointing
+
+    from nld_train.children import install_checkpoint_writer_hooks
+    install_checkpoint_writer_hooks()  # its helper processes die with this one (a kill -9 mid-save)
     rank = dist.get_rank()
     root, tmp = checkpoints_dir(run_dir), _tmp_dir(run_dir, step)
     if rank == 0:

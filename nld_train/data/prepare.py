@@ -196,6 +196,13 @@ def _init_worker(ds, tokenizer, field, kind, template, eos) -> None:
                  chat=ChatFormatter(tokenizer, template) if kind == "chat" else None)
 
 
+def _init_pool_worker(parent_pid: int, *args) -> None:
+    # a pool worker waits for work forever: without this it outlives a killed nld-prepare-data
+    from nld_train.children import exit_with_parent
+    exit_with_parent(parent_pid)
+    _init_worker(*args)
+
+
 def _tokenize_rows(rows: tuple[int, int]):
     """Rows [start, end) -> (ids, lengths, answer mask or None) as flat numpy arrays."""
     start, end = rows
@@ -240,7 +247,19 @@ def _shard_done(shard: str, fingerprint: str, kind: str) -> dict | None:
 
 
 def prepare(cfg: PrepareConfig) -> dict:
-    """Run the preparation; returns the manifest."""
+    """Run the preparation; returns the manifest. The caller's TOKENIZERS_PARALLELISM (set to false
+    for the worker processes) is restored, so commands it starts later are not affected."""
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    try:
+        return _prepare(cfg)
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+
+
+def _prepare(cfg: PrepareConfig) -> dict:
     from nld_train.data.indexed import (
         LOSS_MASK_SUFFIX, SIDECAR_FORMAT, IndexedWriter, read_sidecar, token_dtype, write_json_atomic)
     from nld_train.data.sft import DEFAULT_CHAT_TEMPLATE
@@ -314,7 +333,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     if num_proc > 1:
         import multiprocessing
         # fork: the workers inherit the memory-mapped dataset and the loaded tokenizer
-        pool = multiprocessing.get_context("fork").Pool(num_proc, _init_worker, args)
+        pool = multiprocessing.get_context("fork").Pool(num_proc, _init_pool_worker, (os.getpid(), *args))
     else:
         _init_worker(*args)
     tokens_new, t_tok = 0, time.perf_counter()

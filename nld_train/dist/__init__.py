@@ -9,7 +9,6 @@ import datetime
 import functools
 import importlib.util
 import os
-import socket
 import warnings
 from dataclasses import dataclass
 
@@ -93,28 +92,67 @@ class Layout:
     local_rank: int
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_LOCAL_RANK = 0  # this process's GPU index on its node, set by init_distributed
+
+
+def launched_world_size() -> int:
+    """The world size a launcher (torchrun, srun via slurm/train.sbatch) gave this process; 1 when
+    started on its own. Only WORLD_SIZE decides: RANK/MASTER_* left over from another command (a
+    parent that ran init_distributed in an older version, a shell that exported them) do not make a
+    one-process command join a rendezvous."""
+    from nld_train.errors import InputError
+
+    raw = os.environ.get("WORLD_SIZE")
+    if raw is None:
+        # `srun -n 8 nld-train ...` without a launcher: every task would train on its own, all
+        # into the same run.dir (SLURM_STEP_NUM_TASKS exists in srun's tasks, not in the batch shell)
+        tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "1")
+        if tasks.isdigit() and int(tasks) > 1:
+            raise InputError(f"started as one of {tasks} tasks of an srun step, but WORLD_SIZE is not set: each "
+                             "task would run alone. Submit with slurm/train.sbatch (it sets RANK/WORLD_SIZE per "
+                             "task), or run one task (srun --ntasks=1)")
+        return 1
+    try:
+        world = int(raw)
+    except ValueError:
+        raise InputError(f"WORLD_SIZE={raw!r} in the environment is not a number") from None
+    if world < 1:
+        raise InputError(f"WORLD_SIZE={world} in the environment must be >= 1")
+    return world
 
 
 def init_distributed(tensor_model_parallel_size: int, backend: str = "auto", timeout_minutes: int = 10,
                      seed: int = 1234) -> Layout:
-    """Start the process group (torchrun env, or a 1-process group) and megatron's parallel state."""
+    """Start the process group and megatron's parallel state.
+
+    Launched with a world > 1 (torchrun, srun): the env:// rendezvous at MASTER_ADDR:MASTER_PORT.
+    A world of one (``nld-train`` on its own, ``nld-convert``, ``nld-generate``, ``load_model`` in a
+    notebook, a torchrun of one rank) needs no TCP at all: the group's store lives in this process,
+    so no port is bound (no EADDRINUSE between concurrent commands, no port-picking race) and
+    ``os.environ`` is left as it was (a child process started later does not inherit a rendezvous).
+    """
+    global _LOCAL_RANK
     apply_cpu_patches()
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    if "WORLD_SIZE" not in os.environ:  # plain `nld-train`: a group of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    world = launched_world_size()
     caps = capabilities()
+    _LOCAL_RANK = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
     if caps.cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(_LOCAL_RANK)
     if not dist.is_initialized():
-        dist.init_process_group(caps.backend if backend == "auto" else backend,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        backend = caps.backend if backend == "auto" else backend
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if world == 1:
+            rank = os.environ.get("RANK", "0")
+            if rank != "0":
+                from nld_train.errors import InputError
+                raise InputError(f"RANK={rank} in the environment, but WORLD_SIZE is 1")
+            # megatron's sub-groups (new_group) share this store under their own prefixes
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     if ps.model_parallel_is_initialized() and \
             ps.get_tensor_model_parallel_world_size() != tensor_model_parallel_size:
         ps.destroy_model_parallel()  # a pipeline stage with another layout
@@ -125,13 +163,28 @@ def init_distributed(tensor_model_parallel_size: int, backend: str = "auto", tim
     return current_layout()
 
 
+@contextlib.contextmanager
+def preserved_environ():
+    """Hand the caller's ``os.environ`` back unchanged: for library calls (``load_model``, the HF
+    converters) whose imports and set-up write to it as a side effect (importing megatron-core sets
+    TORCHINDUCTOR_CACHE_DIR; megatron drops NCCL_COLLNET_ENABLE while it creates groups). A child
+    process the caller starts afterwards then sees the environment the caller set up, nothing more."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        if os.environ != saved:
+            os.environ.clear()
+            os.environ.update(saved)
+
+
 def current_layout() -> Layout:
     from megatron.core import parallel_state as ps
 
     return Layout(rank=dist.get_rank(), world_size=dist.get_world_size(),
                   tp=ps.get_tensor_model_parallel_world_size(), dp=ps.get_data_parallel_world_size(),
                   tp_rank=ps.get_tensor_model_parallel_rank(), dp_rank=ps.get_data_parallel_rank(),
-                  local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+                  local_rank=_LOCAL_RANK)
 
 
 def shutdown() -> None:

@@ -16,6 +16,14 @@ CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x20000000,
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 16384, 1 << 18
 # directories an unprivileged user can write to on a usual Linux system: each gets a private tmpfs
 WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+PR_SET_PDEATHSIG, SIGKILL = 1, 9
+
+
+def _die_with_parent(libc) -> None:
+    """SIGKILL this process when its parent exits (a killed evaluator, a killed launcher): a
+    sleeping program uses no CPU time, so RLIMIT_CPU alone would let it live on for ever."""
+    if libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
 def _exit_like(wstatus: int) -> None:
@@ -24,11 +32,15 @@ def _exit_like(wstatus: int) -> None:
     os._exit(os.waitstatus_to_exitcode(wstatus))
 
 
-def _enter_pid_namespace(status) -> None:
+def _enter_pid_namespace(status, libc) -> None:
     """After unshare(CLONE_NEWPID) the next child is the namespace's pid 1: fork it and make this
     process wait for it and exit with its status."""
     pid = os.fork()
     if pid == 0:
+        # the kernel kills everything in the namespace when its init dies; init dies with us
+        # (its parent is outside the namespace, so getppid() cannot confirm it: this process
+        # only waits for it, and a parent-death signal of its own ends it no earlier)
+        _die_with_parent(libc)
         return
     status.close()
     _, wstatus = os.waitpid(pid, 0)
@@ -58,6 +70,11 @@ def main() -> None:
         with open(cfg["program"], "rb") as f:
             program = f.read()
         libc = ctypes.CDLL(None, use_errno=True)
+        # with the evaluator: kept across exec (no setuid binary), dropped by setuid (root: then
+        # the namespace's init, which keeps it, takes the program with it)
+        _die_with_parent(libc)
+        if os.getppid() != cfg["parent_pid"]:
+            raise OSError("the evaluator exited before the sandbox started")
         root = os.geteuid() == 0
         uid, gid = cfg["uid"], cfg["gid"]
 
@@ -67,7 +84,7 @@ def main() -> None:
         report["private_tmp"] = report["pid_namespace"] = False
         workdir = os.getcwd()
         if root and report["network_isolated"]:
-            _enter_pid_namespace(status)     # returns in the namespace's init (pid 1)
+            _enter_pid_namespace(status, libc)     # returns in the namespace's init (pid 1)
             report["pid_namespace"] = True
             # 2. private world-writable directories; the work dir is a fresh tmpfs of its own
             if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:

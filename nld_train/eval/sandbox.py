@@ -143,7 +143,7 @@ def run_python(program: str, limits: SandboxLimits = SandboxLimits()) -> ExecRes
     status_r, status_w = os.pipe()
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8",
            "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
-    cfg = dict(program=str(work / "program.py"), uid=uid, gid=gid, status_fd=status_w,
+    cfg = dict(program=str(work / "program.py"), uid=uid, gid=gid, status_fd=status_w, parent_pid=os.getpid(),
                python=sandbox_python(), env=env, limits=asdict(limits), tmpfs_mb=limits.tmpfs_mb)
     t0 = time.perf_counter()
     timed_out = False

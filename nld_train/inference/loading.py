@@ -134,8 +134,14 @@ def load_model(path, device="cpu", dtype=None) -> NLDForDecoding:
 
     Builds the megatron model at TP=1 (a 1-process gloo/nccl group is started if none exists), loads
     the weights only (megatron reshards any saved TP layout), and copies them into the plain model.
-    The caller's RNG state is left as it was.
+    The caller's RNG state and ``os.environ`` are left as they were.
     """
+    from nld_train.dist import preserved_environ
+    with preserved_environ():
+        return _load_model(path, device, dtype)
+
+
+def _load_model(path, device, dtype) -> NLDForDecoding:
     if is_hf_folder(path):
         return load_hf_folder(path, device, dtype)
     step_dir = resolve_checkpoint(path)

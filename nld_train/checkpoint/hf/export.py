@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from nld_train.checkpoint.hf.mapping import LAYOUTS, to_layout
+from nld_train.dist import preserved_environ
 from nld_train.errors import CheckpointError, InputError
 
 REMOTE_CODE_ENTRY = "nld_train.inference.hf_wrapper"
@@ -188,6 +189,7 @@ def _model_card(name: str, family: str, layout: str, summary: list, cfg) -> str:
         "", "```python", load, "```", ""])
 
 
+@preserved_environ()  # a library call: the caller's environment stays as it was
 def to_hf(checkpoint, out_dir, dtype: Optional[str] = None, layout: str = "hf", family: Optional[str] = None,
           max_shard_size: str = "5GB") -> Path:
     """Export ``checkpoint`` (run dir or step dir) to the HF folder ``out_dir``; returns its path."""

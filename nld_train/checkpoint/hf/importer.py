@@ -177,6 +177,8 @@ def save_weights_only(run_dir: Path, model, meta: dict) -> Path:
     if dist.get_rank() == 0:
         tmp.mkdir(parents=True)
     dist.barrier()
+    from nld_train.children import install_checkpoint_writer_hooks
+    install_checkpoint_writer_hooks()
     dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(ckpt._rng_state(), tmp / "rng" / f"rank_{dist.get_rank():05d}.pt")
@@ -185,7 +187,14 @@ def save_weights_only(run_dir: Path, model, meta: dict) -> Path:
 
 
 def from_hf(hf_dir, out_dir, tp: int = 1, mask_token_id: Optional[int] = None, add_mask_token: bool = False) -> Path:
-    """Convert the HF folder ``hf_dir`` into ``out_dir`` (see the module doc); returns the step dir."""
+    """Convert the HF folder ``hf_dir`` into ``out_dir`` (see the module doc); returns the step dir.
+    ``os.environ`` is left as it was (a 1-process group needs no rendezvous variables)."""
+    from nld_train.dist import preserved_environ
+    with preserved_environ():
+        return _from_hf(hf_dir, out_dir, tp, mask_token_id, add_mask_token)
+
+
+def _from_hf(hf_dir, out_dir, tp: int, mask_token_id: Optional[int], add_mask_token: bool) -> Path:
     from omegaconf import OmegaConf
 
     from nld_train.config import Config, ObjectiveConfig, ParallelConfig, TokenizerConfig, padded_vocab_size

@@ -30,6 +30,7 @@ MARKER = "nld_checkpoint.json"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 
 
+from nld_train.dist import is_sharded, local_optimizer  # noqa: E402
 from nld_train.errors import CheckpointError  # noqa: E402  (re-exported)
 
 
@@ -90,7 +91,6 @@ def _optimizer_params(model, optimizer):
     only the parameters it owns, as their unique (main) replica: megatron's replica_id ends with the
     data-parallel rank, which becomes 0."""
     from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map
-    from nld_train.train.optim import is_sharded, local_optimizer
     local = local_optimizer(optimizer)
     params = [p for g in local.param_groups for p in g["params"]]
     id_map = get_param_id_to_sharded_param_map(model.sharded_state_dict(), params)
@@ -271,7 +271,6 @@ def load(step_dir, model, optimizer=None, model_shape: Optional[dict] = None, re
         step = opt_sd.pop("common_step")
         for st in opt_sd["state"].values():
             st["step"] = step.clone() if torch.is_tensor(step) else torch.tensor(float(step))
-        from nld_train.train.optim import local_optimizer
         local_optimizer(optimizer).load_state_dict(opt_sd)
         rng_file = step_dir / "rng" / f"rank_{dist.get_rank():05d}.pt"
         from megatron.core import parallel_state as ps

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 
 # megatron announces at import that it falls back from TE/apex; capabilities() reports that once
@@ -132,6 +133,18 @@ def current_layout() -> Layout:
                   tp=ps.get_tensor_model_parallel_world_size(), dp=ps.get_data_parallel_world_size(),
                   tp_rank=ps.get_tensor_model_parallel_rank(), dp_rank=ps.get_data_parallel_rank(),
                   local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# The optimizer is built in train.optim; these two live here because the checkpoint (a lower layer
+# than train) must also tell a data-parallel-sharded (ZeRO) optimizer from a plain one.
+def local_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The optimizer that holds this rank's state: the ZeRO shard's AdamW, or the optimizer itself."""
+    return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+
+
+def is_sharded(optimizer) -> bool:
+    """Whether the optimizer state is split over the data-parallel ranks (parallel.distributed_optimizer)."""
+    return isinstance(optimizer, ZeroRedundancyOptimizer)
 
 
 def shutdown() -> None:

@@ -188,7 +188,7 @@ def from_hf(hf_dir, out_dir, tp: int = 1, mask_token_id: Optional[int] = None, a
     """Convert the HF folder ``hf_dir`` into ``out_dir`` (see the module doc); returns the step dir."""
     from omegaconf import OmegaConf
 
-    from nld_train.config import Config, ObjectiveConfig, ParallelConfig, TokenizerConfig, padded_vocab_size
+    from nld_train.config import Config, ObjectiveConfig, ParallelConfig, TokenizerConfig, model_shape
     from nld_train.dist import init_distributed
     from nld_train.checkpoint.hf.mapping import iter_plain_to_megatron
 
@@ -206,7 +206,8 @@ def from_hf(hf_dir, out_dir, tp: int = 1, mask_token_id: Optional[int] = None, a
     conf = Config(model=mcfg, objective=ObjectiveConfig(block_size=cfg.block_size), recipe="from-hf",
                   parallel=ParallelConfig(tensor_model_parallel_size=tp),
                   tokenizer=TokenizerConfig(path=str((out_dir / "tokenizer").resolve()) if tok is not None else None))
-    padded = padded_vocab_size(mcfg, tp)
+    shape = model_shape(mcfg, tp)
+    padded = shape["padded_vocab_size"]
 
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -220,7 +221,6 @@ def from_hf(hf_dir, out_dir, tp: int = 1, mask_token_id: Optional[int] = None, a
         if ps.get_tensor_model_parallel_world_size() != 1:
             raise InputError("from-hf builds a TP=1 model; run it outside a TP > 1 process group")
         from nld_train.model.gpt import build_model
-        from nld_train.train.trainer import model_shape
         # a TP=1 model whose vocabulary is padded as a TP=N run pads it (128 x N rows)
         build_cfg = dataclasses.replace(mcfg, make_vocab_size_divisible_by=mcfg.make_vocab_size_divisible_by * tp)
         with torch.random.fork_rng(devices=[]):
@@ -239,7 +239,7 @@ def from_hf(hf_dir, out_dir, tp: int = 1, mask_token_id: Optional[int] = None, a
                 raise CheckpointError(f"{hf_dir}: {e.args[0]}") from None
         del sd
         meta = {"config": dataclasses.asdict(conf), "weights_only": True, "recipe": "from-hf",
-                "model_shape": {**model_shape(conf), "padded_vocab_size": padded},
+                "model_shape": shape,
                 "tensor_model_parallel_size": tp, "consumed_samples": 0, "hf_source": info}
         step = save_weights_only(tmp, model, meta)
         del model

@@ -61,9 +61,9 @@ def megatron_logits(step_dir, ids):
     """Logits of the nld-train (megatron) model loaded from a converted checkpoint."""
     from nld_train import checkpoint as ckpt
     from nld_train.config import ParallelConfig
-    from nld_train.inference.loading import _model_config, _run_config
+    from nld_train.config import model_config_from_dict
     from nld_train.model.gpt import build_model
-    mcfg = _model_config(_run_config(step_dir, ckpt.read_meta(step_dir))["model"])
+    mcfg = model_config_from_dict(ckpt.run_config(step_dir)["model"])
     mg = build_model(mcfg, ParallelConfig(), mcfg.max_position_embeddings, seed=1).eval()
     ckpt.load(step_dir, mg, None, restore_rng=False)
     L = ids.shape[1]
@@ -75,8 +75,8 @@ def megatron_logits(step_dir, ids):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, dist1):
     """Per family: the HF model, its folder, its nld-train checkpoint, and the re-export."""
-    from nld_train.checkpoint.hf.export import to_hf
-    from nld_train.checkpoint.hf.importer import from_hf
+    from nld_train.convert.export import to_hf
+    from nld_train.convert.importer import from_hf
     out = {}
     for family, (_, _, _, mask) in FAMILIES.items():
         root = tmp_path_factory.mktemp(family)
@@ -151,8 +151,8 @@ def test_tokenizer_and_nld_layout(converted, tmp_path):
     layout and imports back to the same weights."""
     from transformers import AutoTokenizer
 
-    from nld_train.checkpoint.hf.export import to_hf
-    from nld_train.checkpoint.hf.importer import read_hf_folder
+    from nld_train.convert.export import to_hf
+    from nld_train.inference.hf_format import read_hf_folder
     c = converted["llama"]
     tok = AutoTokenizer.from_pretrained(c["back"])
     assert tok.mask_token_id == 1 and (c["nld"] / "tokenizer" / "tokenizer.json").is_file()
@@ -169,8 +169,8 @@ def test_tokenizer_and_nld_layout(converted, tmp_path):
 
 
 def test_refusals(tmp_path, converted, capsys):
-    from nld_train.checkpoint.hf.export import to_hf
-    from nld_train.checkpoint.hf.importer import from_hf
+    from nld_train.convert.export import to_hf
+    from nld_train.convert.importer import from_hf
     from nld_train.errors import ConfigError, InputError
     make_hf("mistral", tmp_path / "sw", sliding_window=16)
     with pytest.raises(ConfigError, match="sliding_window"):
@@ -187,7 +187,7 @@ def test_refusals(tmp_path, converted, capsys):
     shutil.copytree(converted["llama"]["hf"], tmp_path / "l3")
     cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}
     (tmp_path / "l3" / "config.json").write_text(json.dumps(cfg))
-    from nld_train.checkpoint.hf.cli import main
+    from nld_train.convert.cli import main
     assert main(["from-hf", str(tmp_path / "l3"), str(tmp_path / "o4")]) == 2
     err = capsys.readouterr().err
     assert "rope_type" in err and "llama3" in err, err
@@ -209,16 +209,16 @@ def test_refusals(tmp_path, converted, capsys):
 TP2_WORKER = """
 import sys, torch
 from nld_train import checkpoint as ckpt
-from nld_train.checkpoint.hf.importer import save_weights_only
+from nld_train.convert.importer import save_weights_only
 from nld_train.config import ParallelConfig
 from nld_train.dist import init_distributed
-from nld_train.inference.loading import _model_config, _run_config
+from nld_train.config import model_config_from_dict
 from nld_train.model.gpt import build_model
 if __name__ == "__main__":   # megatron's save starts a multiprocessing manager (spawn re-imports us)
     src, dst = sys.argv[1], sys.argv[2]
     init_distributed(2)
     meta = ckpt.read_meta(src)
-    m = _model_config(_run_config(src, meta)["model"])
+    m = model_config_from_dict(ckpt.run_config(src, meta)["model"])
     model = build_model(m, ParallelConfig(tensor_model_parallel_size=2), m.max_position_embeddings, seed=5)
     ckpt.load(src, model, None, restore_rng=False)
     save_weights_only(__import__("pathlib").Path(dst), model, {**meta, "tensor_model_parallel_size": 2})
@@ -231,7 +231,7 @@ def test_export_of_a_tp2_checkpoint_equals_tp1(converted, tmp_path):
     exports to the same bytes as the TP=1 one."""
     from safetensors.torch import load_file
 
-    from nld_train.checkpoint.hf.export import to_hf
+    from nld_train.convert.export import to_hf
     c = converted["llama"]
     (tmp_path / "worker.py").write_text(TP2_WORKER)
     res = run_group([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",

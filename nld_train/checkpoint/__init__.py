@@ -34,6 +34,21 @@ from nld_train.dist import is_sharded, local_optimizer  # noqa: E402
 from nld_train.errors import CheckpointError  # noqa: E402  (re-exported)
 
 
+def run_config(step_dir, meta: Optional[dict] = None) -> dict:
+    """The training config of a checkpoint as a dict: from its commit marker, else (checkpoints of
+    older versions) the run dir's config.yaml."""
+    step_dir = Path(step_dir)
+    meta = read_meta(step_dir) if meta is None else meta
+    if meta.get("config"):
+        return meta["config"]
+    run_yaml = step_dir.parent.parent / "config.yaml"
+    if run_yaml.is_file():
+        from omegaconf import OmegaConf
+        return OmegaConf.to_container(OmegaConf.load(run_yaml), resolve=True)
+    raise ValueError(f"checkpoint {step_dir} holds no training config (neither in its marker nor "
+                     f"{run_yaml})")
+
+
 def checkpoints_dir(run_dir) -> Path:
     return Path(run_dir) / "checkpoints"
 

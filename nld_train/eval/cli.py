@@ -18,6 +18,7 @@ from dataclasses import fields
 from typing import Sequence
 
 from nld_train.errors import ConfigError, InputError
+from nld_train.eval.report import markdown_table
 from nld_train.eval.settings import MODES, EvalSettings, validate_settings
 
 CLI_ONLY = dict(checkpoint=None, out=None, dtype="float32", device="cpu")
@@ -84,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli, settings = parse_args(argv)
         import torch
 
+        # lazy (see pyproject.toml): torch loads only once the arguments are known to be good
         from nld_train.eval.runner import evaluate
         from nld_train.inference import load_model, load_tokenizer
         dtype = getattr(torch, cli["dtype"], None)
@@ -97,7 +99,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InputError, FileNotFoundError) as e:
         print(f"nld-eval: {e}", file=sys.stderr)
         return 2
-    from nld_train.eval.report import markdown_table
     print(markdown_table(res), end="")
     print(f"wrote {cli['out']}/results.json, results.md, plots/ and samples/ in {time.perf_counter() - t0:.1f} s")
     return 0

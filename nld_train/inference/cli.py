@@ -15,6 +15,9 @@ from typing import Sequence
 
 import torch
 
+from nld_train.inference import load_model, load_tokenizer
+from nld_train.inference.sol import sol_tpf
+
 MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
 DEFAULTS = dict(checkpoint=None, mode="ar", prompt="ROMEO:", max_new_tokens=64, block_length=32, threshold=0.9,
                 draft_threshold=0.0, thresholds=(0.9,), temperature=0.0, top_p=1.0, seed=0, dtype="float32", device="cpu", sol=False)
@@ -77,7 +80,6 @@ def decode_table(model, tokenizer, prompts: Sequence[str], max_new_tokens: int =
         rows.append((name, f"{st.tpf:.2f}", f"{st.mean_accepted:.2f}", str(nfe), f"{st.tokens_per_s:.1f}",
                      f"{same}/{len(prompts)}"))
     if sol and max_new_tokens % block_length == 0:
-        from nld_train.inference.sol import sol_tpf
         res = sol_tpf(model, ids, max_new_tokens, block_length, attention_mask=mask)
         rows.append(("SOL oracle", f"{res.tpf:.2f}", f"{res.mean_accepted:.2f}", str(res.nfe), "-", "-"))
     head = ("mode", "TPF", "tok/draft", "NFE", "tokens/s", "text == AR")
@@ -128,7 +130,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"nld-generate: {e}", file=sys.stderr)
         return 2
-    from nld_train.inference import load_model, load_tokenizer
     try:
         model = load_model(a["checkpoint"], device=a["device"], dtype=getattr(torch, a["dtype"]))
         tok = load_tokenizer(a["checkpoint"])
@@ -157,7 +158,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"--- mode={a['mode']} new_tokens={n} NFE={nfe} TPF={st.tpf:.2f} "
           f"tokens/draft={st.mean_accepted:.2f} tokens/s={n / max(dt, 1e-9):.1f}")
     if a["sol"]:
-        from nld_train.inference.sol import sol_tpf
         res = sol_tpf(model, ids, a["max_new_tokens"], a["block_length"], attention_mask=mask)
         print(f"--- SOL oracle TPF={res.tpf:.2f} (forced commits {res.forced})")
     return 0

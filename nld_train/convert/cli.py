@@ -11,6 +11,10 @@ import os
 import sys
 import time
 
+from nld_train.checkpoint import run_config
+from nld_train.config import model_config_from_dict
+from nld_train.errors import InputError
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nld-convert", description="Hugging Face conversion both ways "
@@ -45,26 +49,23 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     for k, v in dict(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false").items():
         os.environ.setdefault(k, v)   # conversion never needs a hub
-    from nld_train.checkpoint.hf.export import peak_rss_gib
-    from nld_train.errors import InputError
+    # lazy (see pyproject.toml): transformers reads the variables above when it is imported
+    from nld_train.convert.export import peak_rss_gib, to_hf
+    from nld_train.convert.importer import from_hf, model_overrides
     t0 = time.time()
     try:
         if args.cmd == "to-hf":
-            from nld_train.checkpoint.hf.export import to_hf
             to_hf(args.checkpoint, args.out_dir, dtype=args.dtype, layout=args.layout, family=args.family,
                   max_shard_size=args.max_shard_size)
         else:
-            from nld_train.checkpoint.hf.importer import from_hf, model_overrides
-            from nld_train.inference.loading import _model_config, _run_config
-            from nld_train.checkpoint import read_meta
             step = from_hf(args.hf_dir, args.out_dir, tp=args.tp, mask_token_id=args.mask_token_id,
                            add_mask_token=args.add_mask_token)
-            conf = _run_config(step, read_meta(step))
+            conf = run_config(step)
             tok = conf["tokenizer"]["path"]
             print("train from it with:\n  nld-train recipe=<recipe> checkpoint.init_from=" + args.out_dir
                   + (f" tokenizer.path={tok}" if tok else " tokenizer.path=<a tokenizer with the mask token>")
                   + f" parallel.tensor_model_parallel_size={args.tp} "
-                  + model_overrides(_model_config(conf["model"])))
+                  + model_overrides(model_config_from_dict(conf["model"])))
     except InputError as e:
         print(f"nld-convert: error: {e}", file=sys.stderr)
         return 2

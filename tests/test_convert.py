@@ -60,8 +60,7 @@ def make_hf(family: str, out, seed=0, **over):
 def megatron_logits(step_dir, ids):
     """Logits of the nld-train (megatron) model loaded from a converted checkpoint."""
     from nld_train import checkpoint as ckpt
-    from nld_train.config import ParallelConfig
-    from nld_train.config import model_config_from_dict
+    from nld_train.config import ParallelConfig, model_config_from_dict
     from nld_train.model.gpt import build_model
     mcfg = model_config_from_dict(ckpt.run_config(step_dir)["model"])
     mg = build_model(mcfg, ParallelConfig(), mcfg.max_position_embeddings, seed=1).eval()

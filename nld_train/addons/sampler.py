@@ -36,8 +36,17 @@ from nld_train.addons.text import fresh_tmp_dir, token_windows
 from nld_train.errors import DataError
 from nld_train.inference import load_model
 from nld_train.inference.policies import top1_mask
-from nld_train.inference.sampler import (ARTIFACT_DIR, FEATURE_NAMES, NUM_FEATURES, TOKEN_SLOTS, SamplerModel,
-                                         SamplerModelConfig, block_features, save_sampler, token_table_from_embeddings)
+from nld_train.inference.sampler import (
+    ARTIFACT_DIR,
+    FEATURE_NAMES,
+    NUM_FEATURES,
+    TOKEN_SLOTS,
+    SamplerModel,
+    SamplerModelConfig,
+    block_features,
+    save_sampler,
+    token_table_from_embeddings,
+)
 
 DATA_KEYS = ("base_model", "label", "num_sequences", "prompt_length", "num_blocks", "block_length",
              "behaviour_thresholds", "token_dim", "seed", "holdout_fraction", "data_path")

@@ -11,7 +11,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-
 from nld_train.errors import ConfigError  # noqa: E402  (re-exported: nld_train.config.ConfigError)
 
 

@@ -31,15 +31,23 @@ import torch
 from nld_train.checkpoint import read_meta, run_config
 from nld_train.data.tokenizer import load_tokenizer
 from nld_train.errors import CheckpointError, InputError
-from nld_train.inference.hf_format import (EXPORT_FAMILIES, LAYOUTS, NLD_PUBLIC_MODEL_TYPE, UnsupportedModelError,
-                                           auto_family, hf_config_dict, to_layout)
+from nld_train.inference.hf_format import (
+    EXPORT_FAMILIES,
+    LAYOUTS,
+    NLD_PUBLIC_MODEL_TYPE,
+    UnsupportedModelError,
+    auto_family,
+    hf_config_dict,
+    to_layout,
+)
 from nld_train.inference.loading import load_model, resolve_checkpoint
 
 REMOTE_CODE_ENTRY = "nld_train.inference.hf_wrapper"
 # run-dir artifacts shipped as subfolders of the export when present (learned sampler, LoRA drafter)
 ARTIFACT_DIRS = ("sampler", "linear_spec_lora")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-_IMPORT_HEAD = re.compile(r"^([ \t]*)from[ \t]+(nld_train(?:\.\w+)*)[ \t]+import[ \t]+(.*)$", re.MULTILINE)
+# "from nld_train.x import a, b" on one line, or parenthesised over several (as ruff wraps long ones)
+_IMPORT_HEAD = re.compile(r"^([ \t]*)from[ \t]+(nld_train(?:\.\w+)*)[ \t]+import[ \t]+(\([^)]*\)|.*)$", re.MULTILINE)
 
 
 # -- remote code ----------------------------------------------------------------------------------
@@ -70,7 +78,7 @@ def remote_code_sources(entry: str = REMOTE_CODE_ENTRY) -> dict:
         def rewrite(m):
             indent, mod, names = m.groups()
             # "from nld_train.pkg import submodule as alias"
-            subs = [n.split(" as ")[0].strip() for n in names.strip("() ").split(",")]
+            subs = [n.split(" as ")[0].strip() for n in names.strip("() \n").split(",") if n.strip()]
             if all(_module_file(f"{mod}.{s}") for s in subs):
                 todo.extend(f"{mod}.{s}" for s in subs)
                 return f"{indent}from . import {names}"

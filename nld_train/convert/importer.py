@@ -25,8 +25,15 @@ import torch
 import torch.distributed as dist
 
 from nld_train import checkpoint as ckpt
-from nld_train.config import (Config, ModelConfig, ObjectiveConfig, ParallelConfig, RopeScalingConfig, TokenizerConfig,
-                              model_shape)
+from nld_train.config import (
+    Config,
+    ModelConfig,
+    ObjectiveConfig,
+    ParallelConfig,
+    RopeScalingConfig,
+    TokenizerConfig,
+    model_shape,
+)
 from nld_train.dist import init_distributed
 from nld_train.errors import CheckpointError, InputError
 from nld_train.inference.hf_format import iter_plain_to_megatron, read_hf_folder

@@ -23,7 +23,6 @@ from unittest import mock
 
 import numpy as np
 import torch
-
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.blended_megatron_dataset_config import (
     convert_split_vector_to_split_matrix,
@@ -32,8 +31,8 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, _IndexReader
 
-from nld_train.errors import DataError
 from nld_train.data.tokenizer import MegatronTokenizer, vocab_sha256
+from nld_train.errors import DataError
 
 # .idx layout (megatron's _IndexWriter): 9-byte magic, u64 version, u8 dtype code, u64 sequence
 # count, u64 document count, then int32 lengths, int64 byte pointers, int64 document boundaries.

@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-
 # megatron announces at import that it falls back from TE/apex; capabilities() reports that once
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine and Apex are not installed|"
                         r"Apex is not installed|full scope is deprecated).*")

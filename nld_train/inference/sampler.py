@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nld_train.inference.policies import CommitPolicy, top1_mask
 from nld_train.inference.model import rotate
+from nld_train.inference.policies import CommitPolicy, top1_mask
 
 # numeric features per position; see block_features for the list
 NUM_FEATURES = 17

@@ -26,8 +26,15 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 
 from nld_train import checkpoint as ckpt
 from nld_train.config import Config, ConfigError, flatten, math_changes, model_shape, validate
-from nld_train.data import MegatronTokenizer, build_datasets, check_data, check_mask_token, describe, get_samples, \
-    load_tokenizer
+from nld_train.data import (
+    MegatronTokenizer,
+    build_datasets,
+    check_data,
+    check_mask_token,
+    describe,
+    get_samples,
+    load_tokenizer,
+)
 from nld_train.dist import capabilities, init_distributed
 from nld_train.errors import DataError
 from nld_train.model.gpt import build_model

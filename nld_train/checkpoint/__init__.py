@@ -149,7 +149,8 @@ def _optimizer_sharded_state(model, optimizer):
     return sd
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
+    """This rank's RNG states (torch, CUDA, numpy, python, megatron's tracker), as a checkpoint stores them."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -204,7 +205,7 @@ def save(run_dir, step: int, model, optimizer, meta: dict, keep_last: int, keep_
 
     def write_rng():  # after megatron's save started: it warns about non-empty folders
         (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+        torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
 
     if async_queue is None:
         dist_checkpointing.save(sharded, str(tmp))

@@ -1,7 +1,7 @@
 """``nld-convert``: Hugging Face conversion both ways (docs/conversion.md).
 
     nld-convert to-hf <checkpoint> <out_dir> [--dtype bf16|fp32] [--layout hf|nld]
-                      [--family llama|mistral|qwen2|ministral3] [--max-shard-size 5GB]
+                      [--family llama|mistral|qwen2|ministral3|...] [--max-shard-size 5GB]
     nld-convert from-hf <hf_dir> <out_dir> [--tp N] [--mask-token-id N | --add-mask-token]
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import time
 from nld_train.checkpoint import run_config
 from nld_train.config import model_config_from_dict
 from nld_train.errors import InputError
+from nld_train.inference.hf_format import EXPORT_FAMILIES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--layout", choices=["hf", "nld"], default="hf",
                    help="hf: standard names + our remote code (default); nld: the public Nemotron-Labs-Diffusion "
                         "layout (encoder.*, diffusion_head)")
-    t.add_argument("--family", choices=["llama", "mistral", "qwen2", "ministral3"], default=None,
+    t.add_argument("--family", choices=EXPORT_FAMILIES, default=None,
                    help="config family for plain transformers (default: the imported model's, else derived "
                         "from the model: qwen2 with q/k/v biases, ministral3 with query scaling, llama otherwise)")
     t.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")

@@ -60,7 +60,7 @@ def save_weights_only(run_dir: Path, model, meta: dict) -> Path:
     dist.barrier()
     dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(ckpt._rng_state(), tmp / "rng" / f"rank_{dist.get_rank():05d}.pt")
+    torch.save(ckpt.rng_state(), tmp / "rng" / f"rank_{dist.get_rank():05d}.pt")
     ckpt._commit(run_dir, 0, meta, keep_last=1, keep_every=0)
     return ckpt.checkpoints_dir(run_dir) / ckpt.step_dir_name(0)
 

@@ -82,7 +82,7 @@ class NLDHFForCausalLM(PreTrainedModel):
         dev = self.lm_head.weight.device
         if d.inv_freq.is_meta or d.inv_freq.device != dev:
             c = d.config
-            d.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c._scaling()).to(dev)
+            d.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling_params()).to(dev)
         d.train(self.training)
         return d
 

@@ -241,3 +241,30 @@ def test_export_of_a_tp2_checkpoint_equals_tp1(converted, tmp_path):
     a = load_file(str(next((tmp_path / "out").glob("model-*.safetensors"))))
     b = load_file(str(next(c["back"].glob("model-*.safetensors"))))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_family_quirks_come_from_the_family_table():
+    """The HFFamily records drive every family difference: Llama's attention_bias (also on o_proj)
+    is refused, Qwen2 has q/k/v biases and ignores sliding_window unless use_sliding_window, the
+    export family follows biases and query scaling, and each family's export fields are written."""
+    from nld_train.inference.hf_format import (FAMILIES, UnsupportedModelError, auto_family, hf_config_dict,
+                                               nld_config_from_hf)
+    d = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128, mask_token_id=3)
+    with pytest.raises(UnsupportedModelError, match="Llama's attention_bias"):
+        nld_config_from_hf({**d, "model_type": "llama", "attention_bias": True})
+    assert nld_config_from_hf({**d, "model_type": "mistral", "attention_bias": True}).attention_bias is False
+    qwen = nld_config_from_hf({**d, "model_type": "qwen2", "sliding_window": 16})
+    assert qwen.attention_bias is True
+    with pytest.raises(UnsupportedModelError, match="sliding_window"):
+        nld_config_from_hf({**d, "model_type": "qwen2", "sliding_window": 16, "use_sliding_window": True})
+    with pytest.raises(UnsupportedModelError, match="supported: llama, mistral, qwen2, ministral3, nemotron_labs"):
+        nld_config_from_hf({**d, "model_type": "gpt2"})
+    llama = nld_config_from_hf({**d, "model_type": "llama"})
+    assert auto_family(qwen) == "qwen2" and auto_family(llama) == "llama"
+    assert hf_config_dict(qwen, "qwen2")["use_sliding_window"] is False
+    assert {"attention_bias", "mlp_bias"} <= set(FAMILIES["llama"].export_fields)
+    with pytest.raises(UnsupportedModelError, match="only the qwen2 family requires them"):
+        hf_config_dict(llama, "qwen2")
+    with pytest.raises(UnsupportedModelError, match="not one of"):
+        hf_config_dict(llama, "nemotron_labs_diffusion")   # read only: no transformers class to export as

@@ -4,7 +4,8 @@ the weight names (megatron <-> plain <-> HF file layouts) and reading an HF fold
 Imported by :mod:`nld_train.inference` (``load_model`` of an HF folder, ``from_megatron``), by
 :mod:`nld_train.convert` (``nld-convert``) and by :mod:`.hf_wrapper`, so ``nld-convert to-hf``
 copies it into the remote-code folder: it imports only torch (transformers and safetensors in the
-functions that need them) and the two dependency-free nld_train files below.
+functions that need them, so reading a folder's weights needs no transformers import) and nld_train
+files that themselves import only torch (``errors``, ``inference.model``).
 
 **A new HF family** is one :class:`HFFamily` row in :data:`FAMILIES` (its config and model class
 names, its file layout and its quirks); the functions below read the record and never test a family

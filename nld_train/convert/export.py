@@ -75,7 +75,7 @@ def remote_code_sources(entry: str = REMOTE_CODE_ENTRY) -> dict:
             continue
         origin[fname] = name
 
-        def rewrite(m):
+        def rewrite(m, name=name):   # called at once, inside this iteration
             indent, mod, names = m.groups()
             # "from nld_train.pkg import submodule as alias"
             subs = [n.split(" as ")[0].strip() for n in names.strip("() \n").split(",") if n.strip()]

@@ -325,7 +325,7 @@ def iter_megatron_to_plain(sd: dict, cfg: NLDConfig):
         if name.endswith("_extra_state"):
             continue
         dst, how = _match(name)
-        yield from zip(dst, TRANSFORMS[how][0](t.detach(), cfg))
+        yield from zip(dst, TRANSFORMS[how][0](t.detach(), cfg), strict=True)
 
 
 def iter_plain_to_megatron(plain: dict, cfg: NLDConfig, megatron_names, padded_vocab: int, consume: bool = False,

@@ -24,7 +24,7 @@ class CommitPolicy(abc.ABC):
     def select(self, cand, conf, masked, step, n_init, offset):
         ...
 
-    def observe(self, logits, block):
+    def observe(self, logits, block):  # noqa: B027  (optional: most policies need only the confidences)
         """Called with the pass's ``logits [b,B,V]`` and input ``block [b,B]`` right before
         :meth:`select`; a policy that needs more than the confidences (the learned sampler) keeps them."""
 

@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.nld-installed
 
-.PHONY: venv demo test clean-runs
+.PHONY: venv demo test lint clean-runs
 
 venv: $(STAMP)
 
@@ -25,8 +25,13 @@ demo: venv
 	$(VENV)/bin/nld-convert to-hf runs/demo/stage2 runs/demo/hf
 	$(PY) scripts/demo_export.py runs/demo/hf runs/demo/stage2
 
-test: venv
+# the layers contract and the lint rules (pyproject.toml) fail the tests before pytest starts
+test: venv lint
 	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check
 
 clean-runs:
 	rm -rf runs

@@ -12,6 +12,10 @@ import os
 import sys
 from pathlib import Path
 
+from nld_train.config import Config, ConfigError, validate
+from nld_train.errors import InputError
+from nld_train.eval.settings import from_eval_config, validate_settings
+
 USAGE = """usage: nld-train recipe=<name> [group=option ...] [key=value ...]
 
 recipes:  {recipes}
@@ -40,7 +44,6 @@ def _register() -> None:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    from nld_train.config import Config
     ConfigStore.instance().store(name="nld_schema", node=Config)
     if not OmegaConf.has_resolver("nld_asset"):
         # the packaged demo assets (tokenizer) and the demo corpus, built on first use
@@ -49,7 +52,7 @@ def _register() -> None:
 
 
 def _demo_corpus() -> str:
-    from nld_train.data.demo_corpus import ensure_demo_corpus
+    from nld_train.data.demo_corpus import ensure_demo_corpus  # lazy: megatron (see pyproject.toml)
     return ensure_demo_corpus()
 
 
@@ -64,7 +67,6 @@ def _config_errors():
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from nld_train.config import ConfigError
     try:
         yield
     except (HydraException, OmegaConfBaseException) as e:
@@ -81,8 +83,6 @@ def compose_config(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from nld_train.config import Config
-
     recipe = [o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")]
     if not recipe:
         raise UsageError("missing recipe=<name>; available: " + _options("recipe"))
@@ -98,8 +98,6 @@ def load_config(overrides: list[str], world_size: int | None = None):
     """Compose, type-check and validate; returns a :class:`nld_train.config.Config`."""
     from omegaconf import OmegaConf
 
-    from nld_train.config import validate
-
     node = compose_config(overrides)
     with _config_errors():
         cfg = OmegaConf.to_object(node)
@@ -107,8 +105,9 @@ def load_config(overrides: list[str], world_size: int | None = None):
     if world_size is None and cfg.train.dry_run:  # the planned job, not this process
         world = cfg.nodes * cfg.gpus_per_node
     validate(cfg, world)
-    # the objective checks what depends on it (an unknown objective.name too); it imports torch,
-    # so it comes after everything that can fail without
+    validate_settings(from_eval_config(cfg.eval), prefix="eval.")
+    # the objective checks what depends on it (an unknown objective.name too); it imports torch
+    # (lazy, see pyproject.toml), so it comes after everything that can fail without
     from nld_train.objective import objective_from_config
     objective_from_config(cfg)
     return cfg
@@ -198,7 +197,6 @@ def main(argv: list[str] | None = None) -> int:
     # Before torch loads MKL: make its CPU results independent of memory alignment, so a resumed
     # process reproduces an uninterrupted one bit for bit (costs ~2 % on CPU; no effect on CUDA).
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
-    from nld_train.config import ConfigError
     if any(a in ("-h", "--help", "help") for a in argv):
         print(USAGE.format(recipes=_options("recipe"), models=_options("model"), objectives=_options("objective"),
                            parallels=_options("parallel"), datas=_options("data")))
@@ -214,30 +212,59 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nld-train: configuration error: {e}", file=sys.stderr)
         return 2
     if cfg.train.dry_run:  # print the plan of every stage, train nothing (docs/slurm.md)
-        from nld_train.plan import dry_run
+        from nld_train.plan import dry_run  # lazy: torch, through the objectives
         return dry_run([stage_cfg for _, _, stage_cfg in stages])
+    # lazy from here on: torch and megatron load only once the config is known to be good
+    from nld_train.dist import shutdown
     if cfg.addon.kind:  # learned sampler / LoRA drafter of a frozen LM: their own small loop (docs/addons.md)
         from nld_train.addons import run_addon
-        from nld_train.dist import shutdown
         rc = run_addon(cfg)
         shutdown()
         return rc
-    from nld_train.errors import InputError
-    from nld_train.train.trainer import Trainer, train
+    from nld_train.eval.hook import eval_during_training
+    from nld_train.train.trainer import Trainer
     for i, (run_dir, _, stage_cfg) in enumerate(stages):
         if len(stages) > 1:
             print(f"=== stage {i + 1}/{len(stages)}: {stage_cfg.recipe} -> {run_dir}", flush=True)
         try:  # bad input (config vs checkpoint, data files, tokenizer): one clear line, exit 2
-            trainer = Trainer(stage_cfg)
+            # the entry script, not the trainer, wires the benchmarks in (eval.interval)
+            trainer = Trainer(stage_cfg, eval_hook=eval_during_training)
         except (InputError, FileNotFoundError) as e:
             print(f"nld-train: error: {e}", file=sys.stderr)
-            from nld_train.dist import shutdown
             shutdown()
             return 2
-        train(trainer)
-    from nld_train.dist import shutdown
+        try:
+            trainer.fit()
+            end_of_run_decoding(trainer)
+        finally:
+            trainer.close()
     shutdown()
     return 0
+
+
+def end_of_run_decoding(trainer) -> None:
+    """A greedy AR sample (``train.sample_tokens``) and a table of all four decoding modes
+    (``train.decode_prompts``), with the inference submodule's decoders over the trained weights
+    (rank 0; the decoder holds the whole model, so TP > 1 runs skip it)."""
+    from nld_train.inference import from_megatron
+    from nld_train.inference.table import decode_table, encode_batch
+    cfg, t = trainer.cfg, trainer.cfg.train
+    if not (t.sample_tokens > 0 or t.decode_prompts) or not trainer.rank0:
+        return
+    if trainer.layout.tp > 1:
+        trainer.log("end-of-run decoding skipped at TP > 1: decode the checkpoint with nld-generate instead")
+        return
+    tok = trainer.tokenizer
+    dec = from_megatron(trainer.model, cfg.model, eos_token_id=tok.eos_token_id,
+                        block_size=cfg.objective.block_size, device=trainer.device)
+    if t.sample_tokens > 0:
+        ids, mask = encode_batch(tok, [t.sample_prompt], trainer.device)
+        out, _ = dec.ar_generate(ids, t.sample_tokens, attention_mask=mask)
+        text = tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+        trainer.log(f"--- AR sample (greedy, {t.sample_tokens} tokens) ---\n{t.sample_prompt}{text}\n---")
+    if t.decode_prompts:
+        trainer.log(decode_table(dec, tok, list(t.decode_prompts), max_new_tokens=t.decode_tokens,
+                                 block_length=cfg.objective.block_size, thresholds=list(t.decode_thresholds)))
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def copy_tree(src, dst):
 def zero_checks(out_dir):
     """parallel.distributed_optimizer: the same weights bit for bit as the unsharded optimizer after
     3 steps, with each rank holding about half of the AdamW state."""
-    from nld_train.train.optim import local_optimizer
+    from nld_train.dist import local_optimizer
     weights, numel = {}, {}
     for name, ov in (("plain", []), ("zero", [ZERO])):
         tr = trainer(["objective=joint", "train.micro_batch_size=2", f"run.dir={out_dir}/bitwise_{name}", *ov])

@@ -60,10 +60,9 @@ def make_hf(family: str, out, seed=0, **over):
 def megatron_logits(step_dir, ids):
     """Logits of the nld-train (megatron) model loaded from a converted checkpoint."""
     from nld_train import checkpoint as ckpt
-    from nld_train.config import ParallelConfig
-    from nld_train.inference.loading import _model_config, _run_config
+    from nld_train.config import ParallelConfig, model_config_from_dict
     from nld_train.model.gpt import build_model
-    mcfg = _model_config(_run_config(step_dir, ckpt.read_meta(step_dir))["model"])
+    mcfg = model_config_from_dict(ckpt.run_config(step_dir)["model"])
     mg = build_model(mcfg, ParallelConfig(), mcfg.max_position_embeddings, seed=1).eval()
     ckpt.load(step_dir, mg, None, restore_rng=False)
     L = ids.shape[1]
@@ -75,8 +74,8 @@ def megatron_logits(step_dir, ids):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, dist1):
     """Per family: the HF model, its folder, its nld-train checkpoint, and the re-export."""
-    from nld_train.checkpoint.hf.export import to_hf
-    from nld_train.checkpoint.hf.importer import from_hf
+    from nld_train.convert.export import to_hf
+    from nld_train.convert.importer import from_hf
     out = {}
     for family, (_, _, _, mask) in FAMILIES.items():
         root = tmp_path_factory.mktemp(family)
@@ -151,8 +150,8 @@ def test_tokenizer_and_nld_layout(converted, tmp_path):
     layout and imports back to the same weights."""
     from transformers import AutoTokenizer
 
-    from nld_train.checkpoint.hf.export import to_hf
-    from nld_train.checkpoint.hf.importer import read_hf_folder
+    from nld_train.convert.export import to_hf
+    from nld_train.inference.hf_format import read_hf_folder
     c = converted["llama"]
     tok = AutoTokenizer.from_pretrained(c["back"])
     assert tok.mask_token_id == 1 and (c["nld"] / "tokenizer" / "tokenizer.json").is_file()
@@ -169,8 +168,8 @@ def test_tokenizer_and_nld_layout(converted, tmp_path):
 
 
 def test_refusals(tmp_path, converted, capsys):
-    from nld_train.checkpoint.hf.export import to_hf
-    from nld_train.checkpoint.hf.importer import from_hf
+    from nld_train.convert.export import to_hf
+    from nld_train.convert.importer import from_hf
     from nld_train.errors import ConfigError, InputError
     make_hf("mistral", tmp_path / "sw", sliding_window=16)
     with pytest.raises(ConfigError, match="sliding_window"):
@@ -187,7 +186,7 @@ def test_refusals(tmp_path, converted, capsys):
     shutil.copytree(converted["llama"]["hf"], tmp_path / "l3")
     cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}
     (tmp_path / "l3" / "config.json").write_text(json.dumps(cfg))
-    from nld_train.checkpoint.hf.cli import main
+    from nld_train.convert.cli import main
     assert main(["from-hf", str(tmp_path / "l3"), str(tmp_path / "o4")]) == 2
     err = capsys.readouterr().err
     assert "rope_type" in err and "llama3" in err, err
@@ -209,16 +208,16 @@ def test_refusals(tmp_path, converted, capsys):
 TP2_WORKER = """
 import sys, torch
 from nld_train import checkpoint as ckpt
-from nld_train.checkpoint.hf.importer import save_weights_only
+from nld_train.convert.importer import save_weights_only
 from nld_train.config import ParallelConfig
 from nld_train.dist import init_distributed
-from nld_train.inference.loading import _model_config, _run_config
+from nld_train.config import model_config_from_dict
 from nld_train.model.gpt import build_model
 if __name__ == "__main__":   # megatron's save starts a multiprocessing manager (spawn re-imports us)
     src, dst = sys.argv[1], sys.argv[2]
     init_distributed(2)
     meta = ckpt.read_meta(src)
-    m = _model_config(_run_config(src, meta)["model"])
+    m = model_config_from_dict(ckpt.run_config(src, meta)["model"])
     model = build_model(m, ParallelConfig(tensor_model_parallel_size=2), m.max_position_embeddings, seed=5)
     ckpt.load(src, model, None, restore_rng=False)
     save_weights_only(__import__("pathlib").Path(dst), model, {**meta, "tensor_model_parallel_size": 2})
@@ -231,7 +230,7 @@ def test_export_of_a_tp2_checkpoint_equals_tp1(converted, tmp_path):
     exports to the same bytes as the TP=1 one."""
     from safetensors.torch import load_file
 
-    from nld_train.checkpoint.hf.export import to_hf
+    from nld_train.convert.export import to_hf
     c = converted["llama"]
     (tmp_path / "worker.py").write_text(TP2_WORKER)
     res = run_group([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
@@ -242,3 +241,30 @@ def test_export_of_a_tp2_checkpoint_equals_tp1(converted, tmp_path):
     a = load_file(str(next((tmp_path / "out").glob("model-*.safetensors"))))
     b = load_file(str(next(c["back"].glob("model-*.safetensors"))))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_family_quirks_come_from_the_family_table():
+    """The HFFamily records drive every family difference: Llama's attention_bias (also on o_proj)
+    is refused, Qwen2 has q/k/v biases and ignores sliding_window unless use_sliding_window, the
+    export family follows biases and query scaling, and each family's export fields are written."""
+    from nld_train.inference.hf_format import (FAMILIES, UnsupportedModelError, auto_family, hf_config_dict,
+                                               nld_config_from_hf)
+    d = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128, mask_token_id=3)
+    with pytest.raises(UnsupportedModelError, match="Llama's attention_bias"):
+        nld_config_from_hf({**d, "model_type": "llama", "attention_bias": True})
+    assert nld_config_from_hf({**d, "model_type": "mistral", "attention_bias": True}).attention_bias is False
+    qwen = nld_config_from_hf({**d, "model_type": "qwen2", "sliding_window": 16})
+    assert qwen.attention_bias is True
+    with pytest.raises(UnsupportedModelError, match="sliding_window"):
+        nld_config_from_hf({**d, "model_type": "qwen2", "sliding_window": 16, "use_sliding_window": True})
+    with pytest.raises(UnsupportedModelError, match="supported: llama, mistral, qwen2, ministral3, nemotron_labs"):
+        nld_config_from_hf({**d, "model_type": "gpt2"})
+    llama = nld_config_from_hf({**d, "model_type": "llama"})
+    assert auto_family(qwen) == "qwen2" and auto_family(llama) == "llama"
+    assert hf_config_dict(qwen, "qwen2")["use_sliding_window"] is False
+    assert {"attention_bias", "mlp_bias"} <= set(FAMILIES["llama"].export_fields)
+    with pytest.raises(UnsupportedModelError, match="only the qwen2 family requires them"):
+        hf_config_dict(llama, "qwen2")
+    with pytest.raises(UnsupportedModelError, match="not one of"):
+        hf_config_dict(llama, "nemotron_labs_diffusion")   # read only: no transformers class to export as

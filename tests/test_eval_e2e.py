@@ -17,11 +17,13 @@ MODE_KEYS = ["ar", "diffusion@0.9", "diffusion@0.5", "linear_spec", "quadratic_s
 def trained(dist1, tmp_path_factory):
     """2 joint steps of the smoke recipe with the in-training eval hook on at step 2; the final
     checkpoint loaded back for decoding."""
+    from nld_train.eval.hook import eval_during_training
     from nld_train.inference import load_model, load_tokenizer
     from tests.test_trainer import make_trainer
     tmp = tmp_path_factory.mktemp("eval")
     tr = make_trainer(tmp, "train.max_steps=2", "eval.interval=2", "eval.tasks=[gsm8k]", "eval.limit=2",
-                      "eval.max_new_tokens=16", "eval.modes=[ar,linear_spec]", name="run")
+                      "eval.max_new_tokens=16", "eval.modes=[ar,linear_spec]", name="run",
+                      eval_hook=eval_during_training)
     try:
         tr.fit()
     finally:

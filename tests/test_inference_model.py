@@ -54,9 +54,9 @@ def test_cached_incremental_equals_full_forward(pair):
     pos = torch.arange(L)[None].expand(2, -1)
     full = plain(ids, pos, M.causal_mask(torch.ones(2, 0, dtype=torch.bool), L))
     cache = plain.new_cache(2, capacity=4)          # small: exercises growth
-    steps = [plain._causal(ids[:, :P], cache)]
+    steps = [plain.causal_pass(ids[:, :P], cache)]
     for t in range(P, L):
-        steps.append(plain._causal(ids[:, t:t + 1], cache))
+        steps.append(plain.causal_pass(ids[:, t:t + 1], cache))
     assert cache.slots == L and cache.lengths().tolist() == [L, L]
     assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
 
@@ -69,16 +69,16 @@ def test_left_padding_and_cache_gaps_change_nothing(pair):
     pad = torch.cat([torch.zeros(1, 5, dtype=torch.long), ids], 1)
     valid = torch.cat([torch.zeros(1, 5, dtype=torch.bool), torch.ones(1, 10, dtype=torch.bool)], 1)
     c1, c2 = plain.new_cache(1), plain.new_cache(1)
-    a = plain._causal(ids[:, :6], c1)
-    b = plain._causal(pad[:, :11], c2, valid[:, :11])
+    a = plain.causal_pass(ids[:, :6], c1)
+    b = plain.causal_pass(pad[:, :11], c2, valid[:, :11])
     assert (a - b[:, 5:]).abs().max() < 1e-5
-    plain._causal(torch.randint(2, m.vocab_size, (1, 3)), c2)   # a rejected draft ...
+    plain.causal_pass(torch.randint(2, m.vocab_size, (1, 3)), c2)   # a rejected draft ...
     c2.crop(c2.lengths() - 3)                                     # ... cropped away
-    plain._causal(torch.randint(2, m.vocab_size, (1, 2)), c2)   # then part of another
+    plain.causal_pass(torch.randint(2, m.vocab_size, (1, 2)), c2)   # then part of another
     c2.crop(c2.lengths() - 2)
     assert c2.slots == 11 and c2.lengths().item() == 6
-    a = plain._causal(ids[:, 6:], c1)
-    b = plain._causal(ids[:, 6:], c2)
+    a = plain.causal_pass(ids[:, 6:], c1)
+    b = plain.causal_pass(ids[:, 6:], c2)
     assert (a - b).abs().max() < 1e-5
 
 
@@ -130,6 +130,6 @@ def test_denoise_pass_equals_training_noisy_block(pair):
     pos_j = torch.arange(L).repeat(2)[None]
     ref = mg.full_logits(torch.cat([noisy, clean], 1), pos_j, mg.attention_inputs("joint", L, B, "cpu"))
     cache = plain.new_cache(1)
-    plain._causal(clean[:, : k * B], cache)
-    out = plain._block(noisy[:, k * B:(k + 1) * B], cache)
+    plain.causal_pass(clean[:, : k * B], cache)
+    out = plain.block_pass(noisy[:, k * B:(k + 1) * B], cache)
     assert (out - ref[:, k * B:(k + 1) * B]).abs().max() < 1e-4

@@ -32,19 +32,19 @@ def test_lora_only_in_draft_passes():
     ad = adapter(model)
     ids = torch.tensor([[5, 6, 7, 8]])
     cache = model.new_cache(1, 32)
-    plain_causal = model._causal(ids, cache, update=False)
-    plain_block = model._block(torch.tensor([[9, MASK, MASK, MASK]]), cache)
+    plain_causal = model.causal_pass(ids, cache, update=False)
+    plain_block = model.block_pass(torch.tensor([[9, MASK, MASK, MASK]]), cache)
     with ad.attached(model):
         model._use_lora(ad)
         try:
-            lora_causal = model._causal(ids, cache, update=False)   # verify / prefill: gate off
-            lora_block = model._block(torch.tensor([[9, MASK, MASK, MASK]]), cache)  # draft: gate on
+            lora_causal = model.causal_pass(ids, cache, update=False)   # verify / prefill: gate off
+            lora_block = model.block_pass(torch.tensor([[9, MASK, MASK, MASK]]), cache)  # draft: gate on
         finally:
             model._use_lora(None)
     assert torch.equal(plain_causal, lora_causal)
     assert (plain_block - lora_block).abs().max() > 1e-3
     # detached again: no hook left behind
-    assert torch.equal(model._block(torch.tensor([[9, MASK, MASK, MASK]]), cache), plain_block)
+    assert torch.equal(model.block_pass(torch.tensor([[9, MASK, MASK, MASK]]), cache), plain_block)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -74,7 +74,7 @@ def test_training_forward_equals_the_inference_draft_pass():
     seq = torch.randint(2, 48, (1, 12), generator=torch.Generator().manual_seed(0))
     starts, B = torch.tensor([[5, 8]]), 4
     cache = model.new_cache(1, 40)
-    model._causal(seq, cache)
+    model.causal_pass(seq, cache)
     drafts = torch.full((1, 2, B), MASK)
     drafts[:, :, 0] = seq[0, starts[0]]
     pos = (starts[..., None] + torch.arange(B)).view(1, -1)
@@ -85,8 +85,8 @@ def test_training_forward_equals_the_inference_draft_pass():
         try:
             for k, s in enumerate(starts[0].tolist()):
                 c = model.new_cache(1, 40)
-                model._causal(seq[:, :s], c)
-                inf_logits = model._block(drafts[:, k], c)
+                model.causal_pass(seq[:, :s], c)
+                inf_logits = model.block_pass(drafts[:, k], c)
                 assert torch.allclose(train_logits[:, k], inf_logits, atol=1e-10)
         finally:
             model._use_lora(None)

@@ -64,7 +64,7 @@ def test_recompute_keys_are_validated():
 def test_distributed_optimizer_trains_on_one_process(dist1, tmp_path):
     """At DP=1 the sharded optimizer owns everything and gives the plain optimizer's gradients and
     losses bit for bit (the DP=2 and TP=2 x DP=2 cases are in test_multiprocess.py)."""
-    from nld_train.train.optim import is_sharded
+    from nld_train.dist import is_sharded
     runs = {}
     for name, ov in (("plain", []), ("zero", ["parallel.distributed_optimizer=true"])):
         tr = make_trainer(tmp_path, *ov, name=name)

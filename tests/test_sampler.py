@@ -70,10 +70,10 @@ def test_recorded_labels_are_top1_vs_reference(label):
     assert rec["features"].shape == (len(rec["row"]), B, NUM_FEATURES)
     # first pass of block 0, recomputed by hand
     cache = model.new_cache(3, 64)
-    seed_logits = model._causal(windows[:, :P], cache, logits_to_keep=1)
+    seed_logits = model.causal_pass(windows[:, :P], cache, logits_to_keep=1)
     blk = torch.full((3, B), MASK)
-    blk[:, 0] = model._pick(seed_logits[:, -1])
-    logits = model._block(blk, cache)
+    blk[:, 0] = model.pick_tokens(seed_logits[:, -1])
+    logits = model.block_pass(blk, cache)
     num, _, top1 = block_features(logits, blk, MASK, 0)
     first = (rec["block"] == 0) & (rec["step"] == 0)
     assert torch.allclose(torch.from_numpy(rec["features"][first]).double(), num.double(), atol=1e-6)

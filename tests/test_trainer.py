@@ -7,10 +7,10 @@ from nld_train.cli import load_config
 SMALL = ["recipe=smoke", "train.global_batch_size=4", "wandb.mode=disabled"]
 
 
-def make_trainer(tmp_path, *overrides, name="run"):
+def make_trainer(tmp_path, *overrides, name="run", eval_hook=None):
     from nld_train.train.trainer import Trainer
     cfg = load_config([*SMALL, f"run.dir={tmp_path / name}", *overrides], world_size=1)
-    return Trainer(cfg)
+    return Trainer(cfg, eval_hook=eval_hook)
 
 
 def grads(trainer, step=0):

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import sys
 
+from nld_train.addons.lora import train_lora
+from nld_train.addons.sampler import train_sampler
+from nld_train.errors import InputError
+
 
 def run_addon(cfg) -> int:
     """Train ``cfg.addon.kind``; bad input -> one line on stderr, exit 2."""
-    from nld_train.errors import InputError
     try:
         if cfg.addon.kind == "sampler":
-            from nld_train.addons.sampler import train_sampler
             train_sampler(cfg)
         elif cfg.addon.kind == "lora_drafter":
-            from nld_train.addons.lora import train_lora
             train_lora(cfg)
         else:
             raise InputError(f"addon.kind={cfg.addon.kind!r} is not an add-on")

@@ -29,6 +29,7 @@ import torch
 from nld_train.checkpoint import MARKER, step_dir_name
 from nld_train.config import math_changes
 from nld_train.errors import CheckpointError, ConfigError
+from nld_train.inference.loading import resolve_checkpoint
 from nld_train.observability import MetricsLog
 from nld_train.train.optim import build_optimizer
 from nld_train.train.schedule import lr_at
@@ -79,7 +80,6 @@ def install_artifact(cfg, artifact: Path, log=print) -> Path | None:
     older one atomically (``addon.install``); the HF export ships it from there."""
     if not cfg.addon.install:
         return None
-    from nld_train.inference.loading import resolve_checkpoint
     base_run = resolve_checkpoint(cfg.addon.base_model).parent.parent
     dst = base_run / artifact.name
     tmp = base_run / f"tmp.{artifact.name}"

@@ -24,7 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nld_train.addons.loop import fit, install_artifact
+from nld_train.addons.text import fresh_tmp_dir, token_windows
 from nld_train.errors import DataError
+from nld_train.inference import load_model
 from nld_train.inference import masks as M
 from nld_train.lora import ARTIFACT_DIR, LoRAAdapter
 
@@ -89,7 +92,6 @@ def generate_responses(cfg, model, data_dir, log=print) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from nld_train.addons.text import fresh_tmp_dir, token_windows
     lo, a = cfg.lora, cfg.addon
     out = Path(data_dir)
     tmp = fresh_tmp_dir(out)
@@ -128,8 +130,6 @@ def load_responses(data_dir, cfg) -> torch.Tensor:
 def train_lora(cfg, log=print) -> Path:
     """``nld-train recipe=lora_drafter``: responses (generated unless present), training,
     ``<run.dir>/linear_spec_lora/``."""
-    from nld_train.addons.loop import fit
-    from nld_train.inference import load_model
     lo, run_dir = cfg.lora, Path(cfg.run.dir)
     lm = load_model(cfg.addon.base_model)
     data_dir = Path(lo.data_dir) if lo.data_dir else run_dir / "lora_data"
@@ -160,6 +160,5 @@ def train_lora(cfg, log=print) -> Path:
         fit(cfg, adapter, len(seqs), micro_batches, loss_sum, log)
     out = adapter.save(run_dir / ARTIFACT_DIR)
     log(f"LoRA drafter saved to {out}")
-    from nld_train.addons.loop import install_artifact
     install_artifact(cfg, out, log)
     return out

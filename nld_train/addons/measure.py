@@ -25,6 +25,14 @@ from pathlib import Path
 
 import torch
 
+from nld_train.addons.text import token_windows
+from nld_train.checkpoint import run_config
+from nld_train.inference import load_model
+from nld_train.inference.loading import resolve_checkpoint
+from nld_train.inference.sampler import load_sampler
+from nld_train.inference.sol import sol_tpf
+from nld_train.lora import load_adapter
+
 DEFAULTS = dict(checkpoint=None, samplers="", loras="", n=32, prompt_length=32, max_new_tokens=64, block_length=32,
                 thresholds="0.5,0.7,0.9,0.97", holdout_fraction=0.1, seed=4321, batch_size=16, out="", threads=0)
 
@@ -53,9 +61,6 @@ def _decode(model, fn, ids, bs, **kw):
 
 def measure(model, prompts: torch.Tensor, samplers, loras, thresholds, max_new_tokens: int, block_length: int,
             batch_size: int = 16) -> dict:
-    from nld_train.inference.sampler import load_sampler
-    from nld_train.inference.sol import sol_tpf
-    from nld_train.lora import load_adapter
     ref, _ = _decode(model, model.ar_generate, prompts, batch_size, max_new_tokens=max_new_tokens)
     res = {"n": len(prompts), "max_new_tokens": max_new_tokens, "block_length": block_length, "diffusion": [],
            "linear_spec": []}
@@ -116,12 +121,8 @@ def main(argv=None) -> int:
         return 2
     if a["threads"]:
         torch.set_num_threads(a["threads"])
-    from nld_train.addons.text import token_windows
-    from nld_train.inference import load_model
-    from nld_train.inference.loading import _run_config, resolve_checkpoint
-    from nld_train.checkpoint import read_meta
     step = resolve_checkpoint(a["checkpoint"])
-    data_path = _run_config(step, read_meta(step))["data"]["path"]
+    data_path = run_config(step)["data"]["path"]
     model = load_model(a["checkpoint"])
     prompts = token_windows(data_path, a["n"], a["prompt_length"], a["seed"], a["holdout_fraction"], holdout=True)
     res = measure(model, prompts, _named(a["samplers"]), _named(a["loras"]),

@@ -31,10 +31,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nld_train.addons.loop import fit, install_artifact
+from nld_train.addons.text import fresh_tmp_dir, token_windows
 from nld_train.errors import DataError
-from nld_train.inference.decoding import _top1
-from nld_train.inference.sampler import (ARTIFACT_DIR, FEATURE_NAMES, NUM_FEATURES, TOKEN_SLOTS, SamplerModel,
-                                         SamplerModelConfig, block_features, save_sampler, token_table_from_embeddings)
+from nld_train.inference import load_model
+from nld_train.inference.policies import top1_mask
+from nld_train.inference.sampler import (
+    ARTIFACT_DIR,
+    FEATURE_NAMES,
+    NUM_FEATURES,
+    TOKEN_SLOTS,
+    SamplerModel,
+    SamplerModelConfig,
+    block_features,
+    save_sampler,
+    token_table_from_embeddings,
+)
 
 DATA_KEYS = ("base_model", "label", "num_sequences", "prompt_length", "num_blocks", "block_length",
              "behaviour_thresholds", "token_dim", "seed", "holdout_fraction", "data_path")
@@ -66,15 +78,15 @@ def record_denoising(model, windows: torch.Tensor, prompt_length: int, num_block
     thr_values = torch.tensor([float(x) for x in thresholds])
     rec = {k: [] for k in ("row", "block", "step", "features", "ids", "masked", "label")}
     cache = model.new_cache(b, P + nB * B)
-    logits = model._causal(prompt, cache, logits_to_keep=1)
+    logits = model.causal_pass(prompt, cache, logits_to_keep=1)
     for k in range(nB):
         block = torch.full((b, B), mask_id, dtype=torch.long, device=model.device)
-        block[:, 0] = model._pick(logits[:, -1])
+        block[:, 0] = model.pick_tokens(logits[:, -1])
         thr = thr_values[torch.randint(len(thr_values), (b,), generator=g)].to(model.device)
         ref_b = ref[:, k * B:(k + 1) * B]
         step = 0
         while (masked := block == mask_id).any():
-            lb = model._block(block, cache)
+            lb = model.block_pass(block, cache)
             num, ids, top1 = block_features(lb, block, mask_id, step)
             rows = masked.any(1)
             rec["row"].append(rows.nonzero()[:, 0].cpu())
@@ -84,12 +96,12 @@ def record_denoising(model, windows: torch.Tensor, prompt_length: int, num_block
             rec["ids"].append(ids[rows].cpu())
             rec["masked"].append(masked[rows].cpu())
             rec["label"].append((top1 == ref_b)[rows].cpu())
-            cand = model._pick(lb)
-            conf = model._confidence(lb, cand)
-            commit = masked & ((conf >= thr[:, None]) | _top1(conf, masked))
+            cand = model.pick_tokens(lb)
+            conf = model.confidence(lb, cand)
+            commit = masked & ((conf >= thr[:, None]) | top1_mask(conf, masked))
             block = torch.where(commit, cand, block)
             step += 1
-        logits = model._causal(ref_b, cache, logits_to_keep=1)   # teacher-forced KV-write of the reference
+        logits = model.causal_pass(ref_b, cache, logits_to_keep=1)   # teacher-forced KV-write of the reference
     return {k: torch.cat(v).numpy() for k, v in rec.items()}
 
 
@@ -107,7 +119,6 @@ def generate_sampler_data(cfg, model, data_dir, log=print) -> Path:
     import pyarrow.parquet as pq
     from safetensors.torch import save_file
 
-    from nld_train.addons.text import fresh_tmp_dir, token_windows
     s, a = cfg.sampler, cfg.addon
     out = Path(data_dir)
     tmp = fresh_tmp_dir(out)
@@ -219,11 +230,9 @@ def build_sampler(cfg, data: dict) -> SamplerModel:
 
 def train_sampler(cfg, log=print) -> Path:
     """``nld-train recipe=sampler``: data (generated unless present), training, ``<run.dir>/sampler/``."""
-    from nld_train.addons.loop import fit
     run_dir = Path(cfg.run.dir)
     data_dir = Path(cfg.sampler.data_dir) if cfg.sampler.data_dir else run_dir / "sampler_data"
     if not (data_dir / "info.json").is_file():
-        from nld_train.inference import load_model
         lm = load_model(cfg.addon.base_model)
         log(f"generating sampler data with {cfg.addon.base_model} (label={cfg.sampler.label})")
         generate_sampler_data(cfg, lm, data_dir, log)
@@ -260,6 +269,5 @@ def train_sampler(cfg, log=print) -> Path:
                                                              "validation": {**val, "label_base_rate": pos_rate},
                                                              "train": asdict(cfg.train)})
     log(f"sampler saved to {out}")
-    from nld_train.addons.loop import install_artifact
     install_artifact(cfg, out, log)
     return out

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nld_train.data import parse_data_path, validate_indexed_prefix
 from nld_train.errors import DataError
 
 
@@ -19,7 +20,6 @@ def token_windows(data_path, n: int, length: int, seed: int, holdout_fraction: f
     """``n`` windows of ``length`` tokens ``[n, length]`` at seeded random offsets of the chosen documents."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from nld_train.data import parse_data_path, validate_indexed_prefix
     prefixes, _ = parse_data_path(data_path)
     docs = []
     for prefix in prefixes:

@@ -30,7 +30,24 @@ MARKER = "nld_checkpoint.json"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 
 
+from nld_train.children import install_checkpoint_writer_hooks  # noqa: E402
+from nld_train.dist import is_sharded, local_optimizer  # noqa: E402
 from nld_train.errors import CheckpointError  # noqa: E402  (re-exported)
+
+
+def run_config(step_dir, meta: Optional[dict] = None) -> dict:
+    """The training config of a checkpoint as a dict: from its commit marker, else (checkpoints of
+    older versions) the run dir's config.yaml."""
+    step_dir = Path(step_dir)
+    meta = read_meta(step_dir) if meta is None else meta
+    if meta.get("config"):
+        return meta["config"]
+    run_yaml = step_dir.parent.parent / "config.yaml"
+    if run_yaml.is_file():
+        from omegaconf import OmegaConf
+        return OmegaConf.to_container(OmegaConf.load(run_yaml), resolve=True)
+    raise ValueError(f"checkpoint {step_dir} holds no training config (neither in its marker nor "
+                     f"{run_yaml})")
 
 
 def checkpoints_dir(run_dir) -> Path:
@@ -90,7 +107,6 @@ def _optimizer_params(model, optimizer):
     only the parameters it owns, as their unique (main) replica: megatron's replica_id ends with the
     data-parallel rank, which becomes 0."""
     from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map
-    from nld_train.train.optim import is_sharded, local_optimizer
     local = local_optimizer(optimizer)
     params = [p for g in local.param_groups for p in g["params"]]
     id_map = get_param_id_to_sharded_param_map(model.sharded_state_dict(), params)
@@ -134,7 +150,8 @@ def _optimizer_sharded_state(model, optimizer):
     return sd
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
+    """This rank's RNG states (torch, CUDA, numpy, python, megatron's tracker), as a checkpoint stores them."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -174,7 +191,6 @@ def save(run_dir, step: int, model, optimizer, meta: dict, keep_last: int, keep_
     """
     from megatron.core import dist_checkpointing
 
-    from nld_train.children import install_checkpoint_writer_hooks
     install_checkpoint_writer_hooks()  # its helper processes die with this one (a kill -9 mid-save)
     rank = dist.get_rank()
     root, tmp = checkpoints_dir(run_dir), _tmp_dir(run_dir, step)
@@ -192,7 +208,7 @@ def save(run_dir, step: int, model, optimizer, meta: dict, keep_last: int, keep_
 
     def write_rng():  # after megatron's save started: it warns about non-empty folders
         (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+        torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
 
     if async_queue is None:
         dist_checkpointing.save(sharded, str(tmp))
@@ -274,7 +290,6 @@ def load(step_dir, model, optimizer=None, model_shape: Optional[dict] = None, re
         step = opt_sd.pop("common_step")
         for st in opt_sd["state"].values():
             st["step"] = step.clone() if torch.is_tensor(step) else torch.tensor(float(step))
-        from nld_train.train.optim import local_optimizer
         local_optimizer(optimizer).load_state_dict(opt_sd)
         rng_file = step_dir / "rng" / f"rank_{dist.get_rank():05d}.pt"
         from megatron.core import parallel_state as ps

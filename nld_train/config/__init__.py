@@ -7,9 +7,9 @@ fails before any heavy import.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
-
 
 from nld_train.errors import ConfigError  # noqa: E402  (re-exported: nld_train.config.ConfigError)
 
@@ -310,6 +310,28 @@ def padded_vocab_size(model: ModelConfig, tp: int) -> int:
     return -(-model.vocab_size // multiple) * multiple
 
 
+SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+              "kv_channels", "vocab_size")
+
+
+def model_shape(model: ModelConfig, tp: int) -> dict:
+    """What a checkpoint's tensors depend on: the shape keys and the padded vocabulary (it grows in
+    multiples of 128 x TP, so a checkpoint saved at one TP loads at another only if this matches).
+    Stored in every checkpoint marker and compared on load."""
+    return {**{k: getattr(model, k) for k in SHAPE_KEYS}, "padded_vocab_size": padded_vocab_size(model, tp)}
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    """A saved ``model`` config dict -> ModelConfig; keys this version does not know are dropped
+    (a checkpoint written by a newer nld-train still loads)."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    kw = {k: v for k, v in d.items() if k in known}
+    rs = kw.get("rope_scaling") or {}
+    rs_known = {f.name for f in dataclasses.fields(RopeScalingConfig)}
+    kw["rope_scaling"] = RopeScalingConfig(**{k: v for k, v in rs.items() if k in rs_known})
+    return ModelConfig(**kw)
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Check what types cannot: every error names the offending key."""
     m, o, p, t, c = cfg.model, cfg.objective, cfg.parallel, cfg.train, cfg.checkpoint
@@ -409,8 +431,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _choice("wandb.mode", cfg.wandb.mode, {"offline", "online", "disabled"})
     if cfg.eval.interval < 0:
         _fail("eval.interval", f"must be >= 0, got {cfg.eval.interval}")
-    from nld_train.eval.settings import from_eval_config, validate_settings
-    validate_settings(from_eval_config(cfg.eval), prefix="eval.")
+    # eval.tasks/modes/...: checked by nld_train.eval.settings, which the layers put above config;
+    # nld_train.cli.load_config calls it right after this function
     for key, val in [("nodes", cfg.nodes), ("gpus_per_node", cfg.gpus_per_node),
                      ("plan.gpu_memory_gb", cfg.plan.gpu_memory_gb), ("plan.peak_tflops", cfg.plan.peak_tflops)]:
         if val <= 0:
@@ -464,11 +486,12 @@ FREE_ON_RESUME = ("train.max_steps", "train.micro_batch_size", "train.log_interv
                   "train.dry_run", "nodes", "gpus_per_node", "plan.")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested config dict -> ``{"train.lr": ..., ...}`` (the keys users type)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -478,7 +501,7 @@ def math_changes(saved: dict, current: dict) -> list[str]:
     """Keys whose value differs between a checkpoint's config and the current one and that change
     the math of training (``[]`` when resuming is safe). Keys the checkpoint does not know (added
     in a later version) are not compared."""
-    a, b = _flatten(saved), _flatten(current)
+    a, b = flatten(saved), flatten(current)
     free = [k for k in FREE_ON_RESUME
             # the micro-batch size is free only because normalisation is global
             if not (k == "train.micro_batch_size" and b.get("objective.loss_normalization") == "per_microbatch")]

@@ -23,7 +23,6 @@ from unittest import mock
 
 import numpy as np
 import torch
-
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.blended_megatron_dataset_config import (
     convert_split_vector_to_split_matrix,
@@ -32,8 +31,8 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, _IndexReader
 
+from nld_train.data.tokenizer import MegatronTokenizer, vocab_sha256
 from nld_train.errors import DataError
-from nld_train.data.tokenizer import MegatronTokenizer
 
 # .idx layout (megatron's _IndexWriter): 9-byte magic, u64 version, u8 dtype code, u64 sequence
 # count, u64 document count, then int32 lengths, int64 byte pointers, int64 document boundaries.
@@ -281,8 +280,6 @@ def check_data(path, tokenizer, data_format: str) -> list[dict]:
     """Everything about `data.path` that can be refused before a model is built: every prefix exists
     and is intact; shards with a sidecar were made with the same vocabulary as `tokenizer`; SFT data
     has loss masks and pretraining data has none. Returns one summary per shard."""
-    from nld_train.data.tokenizer import vocab_sha256
-
     if data_format not in ("gpt", "sft"):
         raise DataError(f"data.format must be 'gpt' or 'sft', got {data_format!r}")
     model_hash = None

@@ -28,6 +28,9 @@ from typing import Optional
 
 import numpy as np
 
+from nld_train.children import exit_with_parent
+from nld_train.data.sft import DEFAULT_CHAT_TEMPLATE, ChatFormatter
+from nld_train.data.tokenizer import load_tokenizer, tokenizer_identity
 from nld_train.errors import DataError, InputError
 
 USAGE = """usage: nld-prepare-data input=<file|folder|dataset> output=<prefix> tokenizer=<path or name> [key=value ...]
@@ -173,7 +176,6 @@ def pick_field(ds, field: str) -> tuple[str, str]:
 
 
 def load_any_tokenizer(name: str):
-    from nld_train.data.tokenizer import load_tokenizer
     if Path(name).expanduser().is_dir():
         return load_tokenizer(name)
     if Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
@@ -191,14 +193,12 @@ _WORK: dict = {}
 
 
 def _init_worker(ds, tokenizer, field, kind, template, eos) -> None:
-    from nld_train.data.sft import ChatFormatter
     _WORK.update(ds=ds, tokenizer=tokenizer, field=field, kind=kind, eos=eos,
                  chat=ChatFormatter(tokenizer, template) if kind == "chat" else None)
 
 
 def _init_pool_worker(parent_pid: int, *args) -> None:
     # a pool worker waits for work forever: without this it outlives a killed nld-prepare-data
-    from nld_train.children import exit_with_parent
     exit_with_parent(parent_pid)
     _init_worker(*args)
 
@@ -262,8 +262,6 @@ def prepare(cfg: PrepareConfig) -> dict:
 def _prepare(cfg: PrepareConfig) -> dict:
     from nld_train.data.indexed import (
         LOSS_MASK_SUFFIX, SIDECAR_FORMAT, IndexedWriter, read_sidecar, token_dtype, write_json_atomic)
-    from nld_train.data.sft import DEFAULT_CHAT_TEMPLATE
-    from nld_train.data.tokenizer import tokenizer_identity
 
     t_start = time.perf_counter()
     output = str(Path(cfg.output).expanduser().resolve())

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
+from nld_train.errors import InputError
 
 # megatron announces at import that it falls back from TE/apex; capabilities() reports that once
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine and Apex are not installed|"
@@ -100,7 +102,6 @@ def launched_world_size() -> int:
     started on its own. Only WORLD_SIZE decides: RANK/MASTER_* left over from another command (a
     parent that ran init_distributed in an older version, a shell that exported them) do not make a
     one-process command join a rendezvous."""
-    from nld_train.errors import InputError
 
     raw = os.environ.get("WORLD_SIZE")
     if raw is None:
@@ -147,7 +148,6 @@ def init_distributed(tensor_model_parallel_size: int, backend: str = "auto", tim
         if world == 1:
             rank = os.environ.get("RANK", "0")
             if rank != "0":
-                from nld_train.errors import InputError
                 raise InputError(f"RANK={rank} in the environment, but WORLD_SIZE is 1")
             # megatron's sub-groups (new_group) share this store under their own prefixes
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
@@ -185,6 +185,18 @@ def current_layout() -> Layout:
                   tp=ps.get_tensor_model_parallel_world_size(), dp=ps.get_data_parallel_world_size(),
                   tp_rank=ps.get_tensor_model_parallel_rank(), dp_rank=ps.get_data_parallel_rank(),
                   local_rank=_LOCAL_RANK)
+
+
+# The optimizer is built in train.optim; these two live here because the checkpoint (a lower layer
+# than train) must also tell a data-parallel-sharded (ZeRO) optimizer from a plain one.
+def local_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The optimizer that holds this rank's state: the ZeRO shard's AdamW, or the optimizer itself."""
+    return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+
+
+def is_sharded(optimizer) -> bool:
+    """Whether the optimizer state is split over the data-parallel ranks (parallel.distributed_optimizer)."""
+    return isinstance(optimizer, ZeroRedundancyOptimizer)
 
 
 def shutdown() -> None:

@@ -19,6 +19,7 @@ from typing import Sequence
 
 from nld_train.decoding_modes import mode_names
 from nld_train.errors import ConfigError, InputError
+from nld_train.eval.report import markdown_table
 from nld_train.eval.settings import EvalSettings, validate_settings
 
 CLI_ONLY = dict(checkpoint=None, out=None, dtype="float32", device="cpu")
@@ -85,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli, settings = parse_args(argv)
         import torch
 
+        # lazy (see pyproject.toml): torch loads only once the arguments are known to be good
         from nld_train.eval.runner import evaluate
         from nld_train.inference import load_model, load_tokenizer
         dtype = getattr(torch, cli["dtype"], None)
@@ -98,7 +100,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InputError, FileNotFoundError) as e:
         print(f"nld-eval: {e}", file=sys.stderr)
         return 2
-    from nld_train.eval.report import markdown_table
     print(markdown_table(res), end="")
     print(f"wrote {cli['out']}/results.json, results.md, plots/ and samples/ in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -27,8 +27,11 @@ import torch
 
 from nld_train.decoding_modes import decode, get_mode
 from nld_train.errors import ConfigError
+from nld_train.eval.report import write_reports
+from nld_train.eval.sandbox import SandboxLimits, isolation, run_python
 from nld_train.eval.settings import EvalSettings, mode_keys, validate_settings
 from nld_train.eval.tasks import Sample, Task, check_shots, get_task
+from nld_train.inference.sol import sol_tpf
 
 # Arguments of the decode methods that the evaluator sets itself; they cannot be passed through.
 RESERVED = {"input_ids", "max_new_tokens", "attention_mask", "block_length", "threshold", "temperature",
@@ -183,7 +186,6 @@ class Evaluator:
         return {**self.decode_kwargs.get("*", {}), **self.decode_kwargs.get(mode, {})}
 
     def _run_code(self):
-        from nld_train.eval.sandbox import SandboxLimits, isolation, run_python
         if self.sandbox is None:
             self.sandbox = isolation()
             if not (self.sandbox.get("network_isolated") and self.sandbox.get("own_uid")):
@@ -204,7 +206,6 @@ class Evaluator:
         for name in s.tasks:
             results["tasks"][name] = self.run_task(get_task(name))
         results["sandbox"] = self.sandbox
-        from nld_train.eval.report import write_reports
         write_reports(results, self.out, plots=s.plots)
         return results
 
@@ -290,7 +291,6 @@ class Evaluator:
             P = ids.shape[1]
             forced = 0
             if key == "sol":
-                from nld_train.inference.sol import sol_tpf
                 res = sol_tpf(model, ids, mnt, self.B, attention_mask=mask)
                 out, nfe, forced = None, res.nfe, res.forced
             else:

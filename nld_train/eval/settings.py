@@ -1,5 +1,5 @@
-"""What an evaluation runs: :class:`EvalSettings` and its validation (standard library only, so the
-training config can validate ``eval.*`` without importing the evaluator)."""
+"""What an evaluation runs: :class:`EvalSettings` and its validation (standard library only, so
+``nld-train`` can validate ``eval.*`` with the rest of the config, before torch loads)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -16,8 +16,9 @@ from typing import Sequence
 import torch
 
 from nld_train.decoding_modes import decode, get_mode, mode_names
+from nld_train.inference import load_model, load_tokenizer
 from nld_train.inference.sol import sol_tpf
-from nld_train.inference.table import decode_table, encode_batch  # noqa: F401  (their home; re-exported)
+from nld_train.inference.table import decode_table, encode_batch
 
 DEFAULTS = dict(checkpoint=None, mode="ar", prompt="ROMEO:", max_new_tokens=64, block_length=32, threshold=0.9,
                 draft_threshold=0.0, thresholds=(0.9,), temperature=0.0, top_p=1.0, seed=0, dtype="float32", device="cpu", sol=False)
@@ -65,7 +66,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"nld-generate: {e}", file=sys.stderr)
         return 2
-    from nld_train.inference import load_model, load_tokenizer
     try:
         model = load_model(a["checkpoint"], device=a["device"], dtype=getattr(torch, a["dtype"]))
         tok = load_tokenizer(a["checkpoint"])

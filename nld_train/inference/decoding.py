@@ -20,7 +20,6 @@ Conventions shared by all modes:
 """
 from __future__ import annotations
 
-import abc
 import functools
 import time
 from dataclasses import dataclass, field
@@ -30,6 +29,9 @@ import torch
 
 from nld_train.inference import masks as M
 from nld_train.inference.model import KVCache, NLDModel
+from nld_train.inference.policies import CommitPolicy, EvenSplitPolicy, ThresholdPolicy
+from nld_train.inference.sampler import LearnedSamplerPolicy, as_sampler
+from nld_train.lora import as_adapter
 
 
 # -- statistics ------------------------------------------------------------------------------------
@@ -58,68 +60,15 @@ class DecodeStats:
         return sum(flat) / max(len(flat), 1)
 
 
-# -- commit policies (block diffusion) -------------------------------------------------------------
-class CommitPolicy(abc.ABC):
-    """Which masked positions of a block to commit after one denoise pass.
-
-    ``select(cand [b,B], conf [b,B], masked [b,B] bool, step, n_init [b], offset)`` returns
-    ``(commit [b,B] bool, tokens [b,B])``; it must commit at least one masked position of every row
-    that still has one (otherwise the denoise loop would not terminate). ``offset`` is the index of the
-    block's first token among the generated tokens (the SOL oracle needs it).
-    """
-
-    @abc.abstractmethod
-    def select(self, cand, conf, masked, step, n_init, offset):
-        ...
-
-    def observe(self, logits, block):
-        """Called with the pass's ``logits [b,B,V]`` and input ``block [b,B]`` right before
-        :meth:`select`; a policy that needs more than the confidences (the learned sampler) keeps them."""
-
-
-def _top1(conf: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    conf = conf.masked_fill(~masked, float("-inf"))
-    top = torch.zeros_like(masked)
-    top.scatter_(1, conf.argmax(1, keepdim=True), True)
-    return top & masked
-
-
-class ThresholdPolicy(CommitPolicy):
-    """Always the most confident masked position, plus every other one with confidence >= threshold."""
-
-    def __init__(self, threshold: float):
-        self.threshold = float(threshold)
-
-    def select(self, cand, conf, masked, step, n_init, offset):
-        return (masked & (conf >= self.threshold)) | _top1(conf, masked), cand
-
-
-class EvenSplitPolicy(CommitPolicy):
-    """HF's ``threshold=None``: the k_i most confident, k_i from an even split of the block's initial
-    mask count over ``steps`` passes (earlier passes take the remainder; at least one)."""
-
-    def __init__(self, steps: int):
-        self.steps = steps
-
-    def select(self, cand, conf, masked, step, n_init, offset):
-        k = n_init // self.steps + (step < n_init % self.steps).long()
-        k = torch.minimum(k.clamp(min=1), masked.sum(1))
-        order = conf.masked_fill(~masked, float("-inf")).argsort(1, descending=True)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
-                                                .expand_as(order).contiguous())
-        return masked & (rank < k[:, None]), cand
-
-
 # -- LoRA drafter (spec §3.6) ---------------------------------------------------------------------
 def _uses_lora(fn):
     """``lora=`` (None, a LoRA adapter or its folder): the adapter is attached for the call and is
-    active only in draft passes (``_block``; the quadratic decoder gates it per token), never in the
+    active only in draft passes (``block_pass``; the quadratic decoder gates it per token), never in the
     causal prefill / verify / KV-write passes, so the verifier stays the plain model."""
     @functools.wraps(fn)
     def wrapper(self, *args, **kw):
         if kw.get("lora") is None or kw.get("lora") is False:
             return fn(self, *args, **kw)
-        from nld_train.lora import as_adapter
         adapter = as_adapter(kw["lora"], self)
         with adapter.attached(self):
             self._use_lora(adapter)
@@ -166,7 +115,7 @@ class DecodingMixin:
             eos_token_id = self.config.eos_token_id
         return None if eos_token_id is None or eos_token_id < 0 else int(eos_token_id)
 
-    def _causal(self, ids, cache: KVCache, new_valid=None, update=True, logits_to_keep=0):
+    def causal_pass(self, ids, cache: KVCache, new_valid=None, update=True, logits_to_keep=0):
         """Causal pass of new tokens over the cache; commits them when ``update``."""
         b, s = ids.shape
         self._lora_gate(None)
@@ -179,14 +128,14 @@ class DecodingMixin:
             cache.commit(s, valid=new_valid)
         return logits
 
-    def _block(self, ids, cache: KVCache):
+    def block_pass(self, ids, cache: KVCache):
         """Bidirectional pass of one block over the cache; the cache is not updated."""
         s = ids.shape[1]
         self._lora_gate(True)
         pos = cache.lengths()[:, None] + torch.arange(s, device=ids.device)[None]
         return self(ids, pos, M.block_mask(cache.key_valid(), s), cache, update_cache=False)
 
-    def _pick(self, logits, temperature=0.0, top_p=1.0, generator=None):
+    def pick_tokens(self, logits, temperature=0.0, top_p=1.0, generator=None):
         """Candidate tokens (argmax, or a top-p sample); the mask id can never be chosen."""
         logits = logits.clone()
         logits[..., self.config.mask_token_id] = float("-inf")
@@ -201,7 +150,7 @@ class DecodingMixin:
         return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
     @staticmethod
-    def _confidence(logits, tokens):
+    def confidence(logits, tokens):
         """Softmax probability of the candidate over the full vocabulary (as SGLang: the mask id is
         excluded from the argmax, not from the softmax)."""
         return torch.softmax(logits.float() if logits.dtype != torch.float64 else logits, -1) \
@@ -277,12 +226,12 @@ class DecodingMixin:
         tok = None
         for step in range(max_new_tokens):
             if step == 0:
-                logits = self._causal(input_ids, cache, valid, logits_to_keep=1)
+                logits = self.causal_pass(input_ids, cache, valid, logits_to_keep=1)
             else:
-                logits = self._causal(tok[:, None], cache, logits_to_keep=1)
+                logits = self.causal_pass(tok[:, None], cache, logits_to_keep=1)
             stats.nfe += 1
             row_nfe += ~done
-            tok = self._pick(logits[:, -1], temperature, top_p, generator)
+            tok = self.pick_tokens(logits[:, -1], temperature, top_p, generator)
             gen[:, step] = torch.where(done, gen[:, step], tok)
             n_new += ~done
             if eos is not None:
@@ -318,7 +267,6 @@ class DecodingMixin:
         if sampler is not None:
             if policy is not None or threshold is None:
                 raise ValueError("sampler= needs a threshold and no policy= (it is the commit policy)")
-            from nld_train.inference.sampler import LearnedSamplerPolicy, as_sampler
             policy = LearnedSamplerPolicy(as_sampler(sampler, self), threshold)
         if policy is None:
             policy = EvenSplitPolicy(block_length) if threshold is None else ThresholdPolicy(threshold)
@@ -326,8 +274,8 @@ class DecodingMixin:
         dev = self.device
         stats = DecodeStats("diffusion", accepted=[[] for _ in range(b)])
         cache = self.new_cache(b, P + max_new_tokens)
-        logits = self._causal(input_ids, cache, valid, logits_to_keep=1)   # prefill: not counted
-        seed = self._pick(logits[:, -1], temperature, top_p, generator)
+        logits = self.causal_pass(input_ids, cache, valid, logits_to_keep=1)   # prefill: not counted
+        seed = self.pick_tokens(logits[:, -1], temperature, top_p, generator)
         gen = torch.full((b, max_new_tokens), eos if eos is not None else 0, dtype=torch.long, device=dev)
         finished = torch.zeros(b, dtype=torch.bool, device=dev)
         row_nfe = torch.zeros(b, dtype=torch.long, device=dev)
@@ -350,11 +298,11 @@ class DecodingMixin:
                 masked = (block == mask_id) & active[:, None]
                 if not masked.any():
                     break
-                logits = self._block(block, cache)
+                logits = self.block_pass(block, cache)
                 stats.nfe += 1
                 row_nfe += masked.any(1)
-                cand = self._pick(logits, temperature, top_p, generator)
-                conf = self._confidence(logits, cand)
+                cand = self.pick_tokens(logits, temperature, top_p, generator)
+                conf = self.confidence(logits, cand)
                 policy.observe(logits, block)
                 commit, tokens = policy.select(cand, conf, masked, step, n_init, k * block_length)
                 commit &= masked
@@ -365,10 +313,10 @@ class DecodingMixin:
             if eos is not None:  # masks left after a row's EOS become EOS
                 after = (block == eos).long().cumsum(1) > 0
                 block = torch.where(after & (block == mask_id), eos, block)
-            logits = self._causal(block, cache, logits_to_keep=1)   # KV-write, counted
+            logits = self.causal_pass(block, cache, logits_to_keep=1)   # KV-write, counted
             stats.nfe += 1
             row_nfe += ~finished
-            seed = self._pick(logits[:, -1], temperature, top_p, generator)
+            seed = self.pick_tokens(logits[:, -1], temperature, top_p, generator)
             gen[:, k * block_length:(k + 1) * block_length] = block
             if eos is not None:
                 finished |= (block == eos).any(1)
@@ -402,10 +350,10 @@ class DecodingMixin:
         stats = DecodeStats("linear_spec", accepted=[[] for _ in range(b)])
         cache = self.new_cache(b, P + max_new_tokens + 2 * B)
         gen = torch.full((b, max_new_tokens + B), eos if eos is not None else 0, dtype=torch.long, device=dev)
-        logits = self._causal(input_ids, cache, valid, logits_to_keep=1)
+        logits = self.causal_pass(input_ids, cache, valid, logits_to_keep=1)
         stats.nfe = 1
         row_nfe = torch.ones(b, dtype=torch.long, device=dev)
-        nxt = self._pick(logits[:, -1], temperature, top_p, generator)
+        nxt = self.pick_tokens(logits[:, -1], temperature, top_p, generator)
         take, done = self._cut_at_eos(nxt[:, None], torch.ones(b, dtype=torch.long, device=dev), eos)
         n_new = self._emit(gen, torch.zeros(b, dtype=torch.long, device=dev), nxt[:, None],
                            take.clamp(max=max_new_tokens))
@@ -417,21 +365,21 @@ class DecodingMixin:
             block[:, 0] = nxt
             step = 0
             while (block == mask_id).any():      # draft
-                logits = self._block(block, cache)
+                logits = self.block_pass(block, cache)
                 stats.nfe += 1
                 masked = block == mask_id
-                cand = self._pick(logits, temperature, top_p, generator)
+                cand = self.pick_tokens(logits, temperature, top_p, generator)
                 if threshold <= 0:
                     block = torch.where(masked, cand, block)
                 else:
-                    commit, _ = draft_policy.select(cand, self._confidence(logits, cand), masked, step, None, 0)
+                    commit, _ = draft_policy.select(cand, self.confidence(logits, cand), masked, step, None, 0)
                     block = torch.where(commit & masked, cand, block)
                 row_nfe += ~done
                 step += 1
-            logits = self._causal(block, cache)  # verify (writes all B, cropped below)
+            logits = self.causal_pass(block, cache)  # verify (writes all B, cropped below)
             stats.nfe += 1
             row_nfe += ~done
-            ar = self._pick(logits, temperature, top_p, generator)
+            ar = self.pick_tokens(logits, temperature, top_p, generator)
             # accepted prefix + the AR token at the first mismatch; emit AR's tokens
             a, n_new, done = self._accept(stats, gen, n_new, done, ar, block, ar, eos, max_new_tokens)
             # keep block[0..a-1] (= next + the accepted drafts); finished rows keep nothing new
@@ -475,8 +423,8 @@ class DecodingMixin:
         cache.commit(P, valid=valid)  # the prompt's keys are a plain causal prefill: keep them
         stats.nfe = 1
         row_nfe = torch.ones(b, dtype=torch.long, device=dev)
-        d = torch.cat([self._pick(logits[:, P - 1:P], temperature, top_p, generator),   # AR seed
-                       self._pick(logits[:, P + 1:], temperature, top_p, generator)], 1)  # diffusion
+        d = torch.cat([self.pick_tokens(logits[:, P - 1:P], temperature, top_p, generator),   # AR seed
+                       self.pick_tokens(logits[:, P + 1:], temperature, top_p, generator)], 1)  # diffusion
         n_new = torch.zeros(b, dtype=torch.long, device=dev)
         done = torch.full((b,), max_new_tokens <= 0, dtype=torch.bool, device=dev)
         anchors = torch.arange(B, device=dev) * W
@@ -493,7 +441,7 @@ class DecodingMixin:
             stats.nfe += 1
             row_nfe += ~done
             # vocabulary logits only where they are read: the B anchors, then one group's masks
-            ar = self._pick(self.lm_head(hidden[:, :, 0]), temperature, top_p, generator)  # AR after d_g
+            ar = self.pick_tokens(self.lm_head(hidden[:, :, 0]), temperature, top_p, generator)  # AR after d_g
             # d_0 always accepted, then d_i while AR after d_{i-1} agrees; emit the drafts
             a, n_new, done = self._accept(stats, gen, n_new, done, ar, d, d, eos, max_new_tokens)
             cache.commit(B * W, select=anchors)            # the anchors' keys are causal keys
@@ -503,7 +451,7 @@ class DecodingMixin:
             g = (a - 1)[:, None, None, None].expand(-1, 1, W, hidden.shape[-1])
             nxt_diff = self.lm_head(hidden.gather(1, g)[:, 0, 2:])
             d = torch.cat([ar.gather(1, a[:, None] - 1),
-                           self._pick(nxt_diff, temperature, top_p, generator)], 1)
+                           self.pick_tokens(nxt_diff, temperature, top_p, generator)], 1)
         stats.nfe_per_row = row_nfe.tolist()
         return self._finish(input_ids, gen, n_new, eos, stats, t0)
 

@@ -14,13 +14,16 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
-from nld_train.checkpoint import read_meta
+from nld_train import checkpoint as ckpt
+from nld_train.checkpoint import CheckpointError, read_meta, resolve, run_config
+from nld_train.config import ParallelConfig, model_config_from_dict
+from nld_train.data.tokenizer import load_tokenizer as _load_tokenizer
+from nld_train.dist import init_distributed, preserved_environ
 from nld_train.inference.decoding import NLDForDecoding
+from nld_train.inference.hf_format import iter_megatron_to_plain, read_hf_folder
 from nld_train.inference.model import NLDConfig
-
-# the megatron -> plain name/transform table lives with the HF conversion (one table for both)
-from nld_train.checkpoint.hf.mapping import MEGATRON_TO_PLAIN, iter_megatron_to_plain  # noqa: E402,F401
 
 
 def nld_config_from_model_config(m, eos_token_id: Optional[int] = None, block_size: int = 32) -> NLDConfig:
@@ -64,31 +67,8 @@ def from_megatron(model, model_cfg, eos_token_id: Optional[int] = None, block_si
     return plain
 
 
-def _run_config(step_dir: Path, meta: dict) -> dict:
-    """The training config as a dict: from the checkpoint marker, else the run dir's config.yaml."""
-    if meta.get("config"):
-        return meta["config"]
-    run_yaml = step_dir.parent.parent / "config.yaml"
-    if run_yaml.is_file():
-        from omegaconf import OmegaConf
-        return OmegaConf.to_container(OmegaConf.load(run_yaml), resolve=True)
-    raise ValueError(f"checkpoint {step_dir} holds no training config (neither in its marker nor "
-                     f"{run_yaml})")
-
-
-def _model_config(d: dict):
-    from nld_train.config import ModelConfig, RopeScalingConfig
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    kw = {k: v for k, v in d.items() if k in known}
-    rs = kw.get("rope_scaling") or {}
-    rs_known = {f.name for f in dataclasses.fields(RopeScalingConfig)}
-    kw["rope_scaling"] = RopeScalingConfig(**{k: v for k, v in rs.items() if k in rs_known})
-    return ModelConfig(**kw)
-
-
 def resolve_checkpoint(path) -> Path:
     """A run dir / checkpoints dir / step dir -> step dir; a CheckpointError (a ValueError) otherwise."""
-    from nld_train.checkpoint import CheckpointError, resolve
     p = Path(path)
     if is_hf_folder(p):
         raise CheckpointError(f"{p} is an HF model folder, not a training checkpoint (load_model reads it; "
@@ -108,7 +88,6 @@ def is_hf_folder(path) -> bool:
 def load_hf_folder(path, device="cpu", dtype=None) -> NLDForDecoding:
     """An HF folder (our export, or a Llama/Mistral/Qwen2/Ministral-3/NLD model whose config or
     tokenizer names a mask token) -> the plain decoder, without transformers' model classes."""
-    from nld_train.checkpoint.hf.importer import read_hf_folder
     cfg, sd, _, _ = read_hf_folder(path, tokenizer=False)
     plain = NLDForDecoding(cfg)
     plain.load_state_dict(sd, strict=True)
@@ -123,7 +102,7 @@ def tokenizer_path(path) -> str:
     if is_hf_folder(path):
         return str(path)
     step_dir = resolve_checkpoint(path)
-    tok = (_run_config(step_dir, read_meta(step_dir)).get("tokenizer") or {}).get("path")
+    tok = (run_config(step_dir).get("tokenizer") or {}).get("path")
     if not tok:
         raise ValueError(f"the config of {step_dir} names no tokenizer.path")
     return tok
@@ -136,7 +115,6 @@ def load_model(path, device="cpu", dtype=None) -> NLDForDecoding:
     the weights only (megatron reshards any saved TP layout), and copies them into the plain model.
     The caller's RNG state and ``os.environ`` are left as they were.
     """
-    from nld_train.dist import preserved_environ
     with preserved_environ():
         return _load_model(path, device, dtype)
 
@@ -146,8 +124,8 @@ def _load_model(path, device, dtype) -> NLDForDecoding:
         return load_hf_folder(path, device, dtype)
     step_dir = resolve_checkpoint(path)
     meta = read_meta(step_dir)
-    conf = _run_config(step_dir, meta)
-    mcfg = _model_config(conf.get("model", {}))
+    conf = run_config(step_dir, meta)
+    mcfg = model_config_from_dict(conf.get("model", {}))
     block = int((conf.get("objective") or {}).get("block_size", 32))
     eos = None
     tok = (conf.get("tokenizer") or {}).get("path")
@@ -156,11 +134,6 @@ def _load_model(path, device, dtype) -> NLDForDecoding:
     else:  # the decoder still works, but stops at EOS only if eos_token_id is passed per call
         warnings.warn(f"tokenizer {tok!r} of {step_dir} not found: no default EOS; pass eos_token_id=")
 
-    import torch.distributed as dist
-
-    from nld_train import checkpoint as ckpt
-    from nld_train.config import ParallelConfig
-    from nld_train.dist import init_distributed
     from megatron.core import parallel_state as ps
 
     with torch.random.fork_rng(devices=[]):
@@ -168,7 +141,7 @@ def _load_model(path, device, dtype) -> NLDForDecoding:
             init_distributed(1)
         if ps.get_tensor_model_parallel_world_size() != 1:
             raise ValueError("load_model builds a TP=1 model; call it outside a TP > 1 process group")
-        from nld_train.model.gpt import build_model
+        from nld_train.model.gpt import build_model  # lazy: megatron (see pyproject.toml)
         # the vocabulary padded as the saving run padded it (128 x its TP), whatever TP that was
         saved_padded = (meta.get("model_shape") or {}).get("padded_vocab_size")
         build_cfg = dataclasses.replace(mcfg, make_vocab_size_divisible_by=saved_padded) if saved_padded else mcfg
@@ -182,8 +155,7 @@ def _load_model(path, device, dtype) -> NLDForDecoding:
 
 def load_tokenizer(path):
     """An HF tokenizer: a tokenizer folder, or the one a checkpoint (run/step dir) was trained with."""
-    from nld_train.data.tokenizer import load_tokenizer as _load
     p = Path(path)
     if (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file():
-        return _load(p)
-    return _load(tokenizer_path(p))
+        return _load_tokenizer(p)
+    return _load_tokenizer(tokenizer_path(p))

@@ -54,7 +54,8 @@ class NLDConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def _scaling(self):
+    def rope_scaling_params(self):
+        """``rope_scaling`` with its defaults filled in, as :func:`rope_inv_freq` takes it (None: plain RoPE)."""
         if not self.rope_scaling or self.rope_scaling.get("type", "none") == "none":
             return None
         defaults = dict(type="none", factor=1.0, original_max_position_embeddings=0, beta_fast=32.0,
@@ -257,7 +258,7 @@ class NLDModel(nn.Module):
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # fp32 frequencies, as in megatron; angles are formed in fp32 and cast per forward
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg._scaling()),
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_params()),
                              persistent=False)
 
     @property

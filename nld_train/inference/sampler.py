@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nld_train.inference.decoding import CommitPolicy, _top1
 from nld_train.inference.model import rotate
+from nld_train.inference.policies import CommitPolicy, top1_mask
 
 # numeric features per position; see block_features for the list
 NUM_FEATURES = 17
@@ -190,7 +190,7 @@ class LearnedSamplerPolicy(CommitPolicy):
         logits, block = self._state
         self._state = None
         score = self.sampler.score(logits, block, step)
-        return (masked & (score >= self.threshold)) | _top1(score, masked), cand
+        return (masked & (score >= self.threshold)) | top1_mask(score, masked), cand
 
 
 # -- save / load -----------------------------------------------------------------------------------

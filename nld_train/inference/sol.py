@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nld_train.inference.decoding import CommitPolicy
+from nld_train.inference.policies import CommitPolicy
 
 
 class OraclePolicy(CommitPolicy):

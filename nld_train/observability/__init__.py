@@ -17,6 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
+from nld_train.config import padded_vocab_size
+
 
 class MetricsLog:
     def __init__(self, run_dir, resume_step: int):
@@ -72,7 +74,6 @@ def train_flops_per_token(m, seq_len: int, objective, tp: int = 1) -> float:
     many keys a data token attends to (``attended_keys``: L/2 for AR, L + B/2 for joint).
     ``tp`` matters only through the vocabulary padding.
     """
-    from nld_train.config import padded_vocab_size
     h = m.hidden_size
     head_dim = m.kv_channels or h // m.num_attention_heads
     q, kv = m.num_attention_heads * head_dim, m.num_query_groups * head_dim

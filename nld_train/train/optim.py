@@ -17,7 +17,7 @@ def build_optimizer(model, t, shard_group=None) -> torch.optim.Optimizer:
     (one flat bucket per rank: the parameters become views into ZeRO's buckets).
     Every parameter still gets exactly the same single-tensor AdamW update, so the weights equal the
     unsharded optimizer's bit for bit. docs/parallelism.md says why this and not megatron's
-    DistributedOptimizer."""
+    DistributedOptimizer. ``nld_train.dist.local_optimizer`` gives the rank's own AdamW of either kind."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
@@ -29,15 +29,6 @@ def build_optimizer(model, t, shard_group=None) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, **kw)
     return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, process_group=shard_group,
                                    parameters_as_bucket_view=True, **kw)
-
-
-def local_optimizer(optimizer) -> torch.optim.Optimizer:
-    """The optimizer that holds this rank's state: the ZeRO shard's AdamW, or the optimizer itself."""
-    return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
-
-
-def is_sharded(optimizer) -> bool:
-    return isinstance(optimizer, ZeroRedundancyOptimizer)
 
 
 def grad_norm_and_clip(params, max_norm: float) -> float:

@@ -17,35 +17,43 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
 from nld_train import checkpoint as ckpt
-from nld_train.config import Config, ConfigError, math_changes, padded_vocab_size, validate
+from nld_train.config import Config, ConfigError, flatten, math_changes, model_shape, validate
+from nld_train.data import (
+    MegatronTokenizer,
+    build_datasets,
+    check_data,
+    check_mask_token,
+    describe,
+    get_samples,
+    load_tokenizer,
+)
 from nld_train.dist import capabilities, init_distributed
 from nld_train.errors import DataError
+from nld_train.model.gpt import build_model
+from nld_train.objective import objective_from_config
 from nld_train.observability import MetricsLog, Wandb, gpu_peak_flops, progress_line, provenance, train_flops_per_token
 from nld_train.train.optim import build_optimizer, grad_norm_and_clip
 from nld_train.train.preemption import EXIT_PREEMPTED, Preempted, Preemption
 from nld_train.train.schedule import lr_at
 
 
-def model_shape(cfg: Config) -> dict:
-    m = cfg.model
-    return {k: getattr(m, k) for k in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                                       "ffn_hidden_size", "kv_channels", "vocab_size")}
-
-
 class Trainer:
-    def __init__(self, cfg: Config):
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-        from nld_train.data import MegatronTokenizer, build_datasets, check_mask_token, load_tokenizer
-        from nld_train.model.gpt import build_model
-        from nld_train.objective import objective_from_config
-
+    def __init__(self, cfg: Config, eval_hook: Optional[Callable[["Trainer"], dict]] = None):
+        """``eval_hook(trainer) -> metrics`` runs every ``eval.interval`` steps on rank 0 (the nld-train
+        CLI passes :func:`nld_train.eval.hook.eval_during_training`; the trainer knows no benchmark)."""
+        if cfg.eval.interval and eval_hook is None:
+            raise ConfigError(f"eval.interval={cfg.eval.interval} needs an eval hook: pass "
+                              "Trainer(cfg, eval_hook=nld_train.eval.hook.eval_during_training) as nld-train does")
         self.cfg, t = cfg, cfg.train
+        self.eval_hook = eval_hook
         self.layout = init_distributed(cfg.parallel.tensor_model_parallel_size, cfg.parallel.backend,
                                        cfg.parallel.timeout_minutes, seed=t.seed)
         validate(cfg, self.layout.world_size)
@@ -62,10 +70,9 @@ class Trainer:
             raise DataError(f"tokenizer {cfg.tokenizer.path} has {len(self.tokenizer)} tokens but "
                              f"model.vocab_size is {cfg.model.vocab_size}")
         check_mask_token(self.tokenizer, cfg.model.mask_token_id)
-        from nld_train.data import check_data, describe
         # before the (possibly large) model is built: intact files, the same vocabulary, loss masks iff SFT
         data_summary = check_data(cfg.data.path, self.tokenizer, cfg.data.format)
-        self._log(describe(data_summary, cfg.data.format, t.max_steps * t.global_batch_size * t.seq_length))
+        self.log(describe(data_summary, cfg.data.format, t.max_steps * t.global_batch_size * t.seq_length))
 
         self.model = build_model(cfg.model, cfg.parallel, t.seq_length, t.seed)
         self.ddp = DistributedDataParallel(self.model.config,
@@ -81,8 +88,7 @@ class Trainer:
         # resume (full state) takes precedence over init_from (weights only)
         self.step, self.schedule_steps = 0, t.lr_schedule_steps or t.max_steps
         latest = ckpt.find_latest(self.run_dir)
-        # the padded vocabulary must match too: it grows in multiples of 128 x TP
-        shape = {**model_shape(cfg), "padded_vocab_size": padded_vocab_size(cfg.model, self.layout.tp)}
+        shape = model_shape(cfg.model, self.layout.tp)
         # megatron's sample order depends on how many samples the dataset is built for: keep the
         # count of the first start unless the run now needs more (then the order is rebuilt)
         self.train_samples = max(t.max_steps, self.schedule_steps) * t.global_batch_size
@@ -96,14 +102,14 @@ class Trainer:
             self.schedule_steps = t.lr_schedule_steps or meta["lr_schedule_steps"]
             needed = max(t.max_steps, self.schedule_steps) * t.global_batch_size
             if needed > meta["train_samples"]:
-                self._log(f"warning: the run now needs {needed} samples, more than the {meta['train_samples']} "
+                self.log(f"warning: the run now needs {needed} samples, more than the {meta['train_samples']} "
                           "its data order was built for; megatron rebuilds the sample order")
             self.train_samples = max(needed, meta["train_samples"])
-            self._log(f"resumed from {latest} at step {self.step}")
+            self.log(f"resumed from {latest} at step {self.step}")
         elif cfg.checkpoint.init_from:
             src = ckpt.resolve(cfg.checkpoint.init_from)
             ckpt.load(src, self.model, None, model_shape=shape)
-            self._log(f"initialised weights from {src}")
+            self.log(f"initialised weights from {src}")
 
         n_valid = t.eval_iters * t.global_batch_size if t.eval_interval > 0 else 0
         self.train_ds, self.valid_ds = build_datasets(
@@ -132,16 +138,15 @@ class Trainer:
         changed = math_changes(meta.get("config", {}), asdict(self.cfg))
         if not changed:
             return
-        from nld_train.config import _flatten
-        old, new = _flatten(meta["config"]), _flatten(asdict(self.cfg))
+        old, new = flatten(meta["config"]), flatten(asdict(self.cfg))
         what = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
         if not self.cfg.run.allow_config_change:
             raise ConfigError(f"run dir {self.run_dir} holds checkpoint {path} trained with another config "
                               f"({what}); use another run.dir, or run.allow_config_change=true to resume anyway")
-        self._log(f"warning: resuming {path} with changed config ({what})")
+        self.log(f"warning: resuming {path} with changed config ({what})")
 
     # -------------------------------------------------------------------------------------------
-    def _log(self, msg: str) -> None:
+    def log(self, msg: str) -> None:
         if self.rank0:
             print(msg, flush=True)
 
@@ -152,7 +157,6 @@ class Trainer:
 
     def _micro_batches(self, dataset, step: int):
         """This rank's micro-batches of global batch ``step``: lists of global sample indices."""
-        from nld_train.data import get_samples
         t, lay = self.cfg.train, self.layout
         per_rank = t.global_batch_size // lay.dp
         first = step * t.global_batch_size + lay.dp_rank * per_rank
@@ -172,7 +176,6 @@ class Trainer:
         return preps, counts
 
     def _dp_group(self):
-        from megatron.core import parallel_state as ps
         return ps.get_data_parallel_group()
 
     def _forward(self, prep):
@@ -188,7 +191,6 @@ class Trainer:
     def forward_backward(self, step: int):
         """Gradients of global batch ``step`` in ``main_grad`` (reduced over DP); returns the
         global loss sums [S_AR, S_diff] and counts [N_AR, N_masked]."""
-        from megatron.core.distributed import finalize_model_grads
         preps, counts = self._prepare(self.train_ds, step)
         n_micro_total = len(preps) * self.layout.dp
         self.ddp.zero_grad_buffer()
@@ -221,7 +223,7 @@ class Trainer:
         else:
             self.skipped_steps += 1
             self.consecutive_skips += 1
-            self._log(f"step {step + 1}: non-finite loss {rep['loss']} or grad norm {grad_norm}: update skipped "
+            self.log(f"step {step + 1}: non-finite loss {rep['loss']} or grad norm {grad_norm}: update skipped "
                       f"({self.consecutive_skips} in a row)")
             if self.consecutive_skips >= t.max_consecutive_skipped_steps:
                 raise RuntimeError(f"{self.consecutive_skips} consecutive steps with a non-finite loss or "
@@ -251,8 +253,7 @@ class Trainer:
                 "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
                 "config": asdict(self.cfg),
                 "consumed_samples": self.step * self.cfg.train.global_batch_size,
-                "model_shape": {**model_shape(self.cfg),
-                                "padded_vocab_size": padded_vocab_size(self.cfg.model, self.layout.tp)},
+                "model_shape": model_shape(self.cfg.model, self.layout.tp),
                 "objective": self.cfg.objective.name,
                 "tensor_model_parallel_size": self.layout.tp, "recipe": self.cfg.recipe}
         t0 = time.time()
@@ -261,7 +262,7 @@ class Trainer:
             self.async_queue.maybe_finalize_async_calls(blocking=True)
         path = ckpt.save(self.run_dir, self.step, self.model, self.optimizer, meta, c.keep_last, c.keep_every,
                          async_queue=queue)
-        self._log(f"{'scheduled async' if queue else 'saved'} checkpoint {path} ({time.time() - t0:.1f}s blocking)")
+        self.log(f"{'scheduled async' if queue else 'saved'} checkpoint {path} ({time.time() - t0:.1f}s blocking)")
 
     def fit(self) -> None:
         t, c = self.cfg.train, self.cfg.checkpoint
@@ -270,7 +271,7 @@ class Trainer:
         # a resumed run's current step is already on disk: never save the same step twice
         start_step, t_start = self.step, time.time()
         saved_at = self.step if self.resumed else None
-        self._log(f"training {self.cfg.recipe or 'run'}: objective={self.cfg.objective.name} steps "
+        self.log(f"training {self.cfg.recipe or 'run'}: objective={self.cfg.objective.name} steps "
                   f"{self.step}->{t.max_steps} world={self.layout.world_size} (tp={self.layout.tp}, "
                   f"dp={self.layout.dp}{', optimizer state sharded over dp' if self.cfg.parallel.distributed_optimizer else ''}) device={self.caps.device} te={self.caps.transformer_engine} "
                   f"apex={self.caps.apex} precision={self.precision} "
@@ -287,8 +288,7 @@ class Trainer:
             if t.eval_interval and self.step % t.eval_interval == 0:
                 row.update(self.evaluate())
             if self.cfg.eval.interval and self.step % self.cfg.eval.interval == 0 and self.rank0:
-                from nld_train.eval.hook import eval_during_training  # benchmarks (docs/evaluation.md)
-                row.update(eval_during_training(self))
+                row.update(self.eval_hook(self))  # benchmarks (docs/evaluation.md)
             if self.rank0:
                 self.metrics.write(row)
                 self.wandb.log(row)
@@ -305,7 +305,7 @@ class Trainer:
                 if saved_at != self.step:
                     self.save(sync=True)
                 self.finish_saves()
-                self._log(f"preempted ({self.preemption.received or 'signal on another rank'}): "
+                self.log(f"preempted ({self.preemption.received or 'signal on another rank'}): "
                           f"checkpoint at step {self.step} committed, exiting with code {EXIT_PREEMPTED}")
                 raise Preempted(self.step, self.preemption.received)
         if c.save_final and self.step > start_step and saved_at != self.step:
@@ -325,38 +325,3 @@ class Trainer:
             self.metrics.close()
             self.wandb.finish()
 
-
-def end_of_run_decoding(trainer: Trainer) -> None:
-    """A greedy AR sample and (optionally) a table of all four decoding modes, with the inference
-    submodule's decoders over the trained weights (rank 0; the decoder holds the whole model)."""
-    cfg, t = trainer.cfg, trainer.cfg.train
-    if not (t.sample_tokens > 0 or t.decode_prompts) or not trainer.rank0:
-        return
-    if trainer.layout.tp > 1:
-        trainer._log("end-of-run decoding skipped at TP > 1: decode the checkpoint with nld-generate instead")
-        return
-    from nld_train.inference import from_megatron
-    from nld_train.inference.cli import decode_table, encode_batch
-    tok = trainer.tokenizer
-    dec = from_megatron(trainer.model, cfg.model, eos_token_id=tok.eos_token_id,
-                        block_size=cfg.objective.block_size, device=trainer.device)
-    if t.sample_tokens > 0:
-        ids, mask = encode_batch(tok, [t.sample_prompt], trainer.device)
-        out, _ = dec.ar_generate(ids, t.sample_tokens, attention_mask=mask)
-        text = tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
-        trainer._log(f"--- AR sample (greedy, {t.sample_tokens} tokens) ---\n{t.sample_prompt}{text}\n---")
-    if t.decode_prompts:
-        trainer._log(decode_table(dec, tok, list(t.decode_prompts), max_new_tokens=t.decode_tokens,
-                                  block_length=cfg.objective.block_size, thresholds=list(t.decode_thresholds)))
-
-
-def run(cfg: Config) -> None:
-    train(Trainer(cfg))
-
-
-def train(trainer: Trainer) -> None:
-    try:
-        trainer.fit()
-        end_of_run_decoding(trainer)
-    finally:
-        trainer.close()

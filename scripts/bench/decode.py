@@ -117,22 +117,22 @@ def forward_costs(args, model, tok, block, device):
     ids = torch.cat([ids, ctx.to(device)], 1)[:, -args.context:]
     with torch.no_grad():
         cache = model.new_cache(1, args.context + 2 * block)
-        model._causal(ids, cache, logits_to_keep=1)
+        model.causal_pass(ids, cache, logits_to_keep=1)
         L0 = cache.lengths()
         blk = torch.full((1, block), model.config.mask_token_id, dtype=torch.long, device=device)
         blk[:, 0] = ids[:, -1]
         one = ids[:, -1:]
 
         def ar_step():
-            model._causal(one, cache, logits_to_keep=1)
+            model.causal_pass(one, cache, logits_to_keep=1)
             cache.crop(L0)
 
         def kv_write():  # the full block's logits, as verify reads them
-            model._causal(blk, cache)
+            model.causal_pass(blk, cache)
             cache.crop(L0)
 
         def block_pass():
-            model._block(blk, cache)
+            model.block_pass(blk, cache)
 
         res = {}
         for name, fn in (("ar_step", ar_step), ("kv_write_block", kv_write), ("block_pass", block_pass)):
@@ -141,7 +141,7 @@ def forward_costs(args, model, tok, block, device):
             res[name] = C.median([C.timed(fn, device)[0] for _ in range(max(args.repeats, 5))])
         crops = []  # a KV-write (untimed), then the crop that drops it (timed)
         for _ in range(max(args.repeats, 5)):
-            model._causal(blk, cache, logits_to_keep=1)
+            model.causal_pass(blk, cache, logits_to_keep=1)
             crops.append(C.timed(lambda: cache.crop(L0), device)[0])
         res["crop"] = C.median(crops)
         assert int(cache.lengths()[0]) == int(L0[0])

@@ -36,7 +36,7 @@ def parse_args(argv=None):
 
 
 def state_bytes(optimizer) -> int:
-    from nld_train.train.optim import local_optimizer
+    from nld_train.dist import local_optimizer
     return sum(v.numel() * v.element_size() for st in local_optimizer(optimizer).state.values()
                for v in st.values() if hasattr(v, "numel") and v.ndim > 0)
 

@@ -28,15 +28,27 @@ from typing import Optional
 
 import torch
 
-from nld_train.checkpoint.hf.mapping import LAYOUTS, to_layout
+from nld_train.checkpoint import read_meta, run_config
+from nld_train.data.tokenizer import load_tokenizer
 from nld_train.dist import preserved_environ
 from nld_train.errors import CheckpointError, InputError
+from nld_train.inference.hf_format import (
+    EXPORT_FAMILIES,
+    LAYOUTS,
+    NLD_PUBLIC_MODEL_TYPE,
+    UnsupportedModelError,
+    auto_family,
+    hf_config_dict,
+    to_layout,
+)
+from nld_train.inference.loading import load_model, resolve_checkpoint
 
 REMOTE_CODE_ENTRY = "nld_train.inference.hf_wrapper"
 # run-dir artifacts shipped as subfolders of the export when present (learned sampler, LoRA drafter)
 ARTIFACT_DIRS = ("sampler", "linear_spec_lora")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-_IMPORT_HEAD = re.compile(r"^([ \t]*)from[ \t]+(nld_train(?:\.\w+)*)[ \t]+import[ \t]+(.*)$", re.MULTILINE)
+# "from nld_train.x import a, b" on one line, or parenthesised over several (as ruff wraps long ones)
+_IMPORT_HEAD = re.compile(r"^([ \t]*)from[ \t]+(nld_train(?:\.\w+)*)[ \t]+import[ \t]+(\([^)]*\)|.*)$", re.MULTILINE)
 
 
 # -- remote code ----------------------------------------------------------------------------------
@@ -64,10 +76,10 @@ def remote_code_sources(entry: str = REMOTE_CODE_ENTRY) -> dict:
             continue
         origin[fname] = name
 
-        def rewrite(m):
+        def rewrite(m, name=name):   # called at once, inside this iteration
             indent, mod, names = m.groups()
             # "from nld_train.pkg import submodule as alias"
-            subs = [n.split(" as ")[0].strip() for n in names.strip("() ").split(",")]
+            subs = [n.split(" as ")[0].strip() for n in names.strip("() \n").split(",") if n.strip()]
             if all(_module_file(f"{mod}.{s}") for s in subs):
                 todo.extend(f"{mod}.{s}" for s in subs)
                 return f"{indent}from . import {names}"
@@ -134,7 +146,6 @@ def write_safetensors(tensors: dict, out_dir: Path, max_shard_bytes: int) -> int
 
 # -- the rest of the folder -----------------------------------------------------------------------
 def _export_tokenizer(tok_path, mask_token_id: int, out_dir: Path):
-    from nld_train.data.tokenizer import load_tokenizer
     tok = load_tokenizer(tok_path)
     if tok.mask_token_id is None:  # register the model's mask id under its existing token text
         tok.add_special_tokens({"mask_token": tok.convert_ids_to_tokens(mask_token_id)})
@@ -193,9 +204,6 @@ def _model_card(name: str, family: str, layout: str, summary: list, cfg) -> str:
 def to_hf(checkpoint, out_dir, dtype: Optional[str] = None, layout: str = "hf", family: Optional[str] = None,
           max_shard_size: str = "5GB") -> Path:
     """Export ``checkpoint`` (run dir or step dir) to the HF folder ``out_dir``; returns its path."""
-    from nld_train.checkpoint import read_meta
-    from nld_train.inference import hf_wrapper as W
-    from nld_train.inference.loading import _run_config, load_model, resolve_checkpoint
 
     out_dir = Path(out_dir)
     if layout not in LAYOUTS:
@@ -207,7 +215,7 @@ def to_hf(checkpoint, out_dir, dtype: Optional[str] = None, layout: str = "hf", 
     max_bytes = parse_size(max_shard_size)
     step_dir = resolve_checkpoint(checkpoint)
     meta = read_meta(step_dir)
-    conf = _run_config(step_dir, meta)
+    conf = run_config(step_dir, meta)
     src = meta.get("hf_source") or {}
     dtype = dtype or src.get("dtype") or "fp32"   # the checkpoint's own: fp32 masters, or the imported dtype
     if dtype not in DTYPES:
@@ -220,10 +228,11 @@ def to_hf(checkpoint, out_dir, dtype: Optional[str] = None, layout: str = "hf", 
     if layout == "nld":
         if cfg.attention_bias:
             raise InputError("--layout nld: the public NLD layout has no q/k/v biases (this model has them)")
+        # the public release's config is Mistral's (Ministral-3's with query scaling)
         family = family or ("ministral3" if cfg.query_scaling_beta else "mistral")
-    if not family and src.get("model_type") in W.FAMILIES:   # back to the family it was imported from
+    if not family and src.get("model_type") in EXPORT_FAMILIES:   # back to the family it was imported from
         family = src["model_type"]
-    family = family or W.auto_family(cfg)
+    family = family or auto_family(cfg)
 
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -239,8 +248,8 @@ def to_hf(checkpoint, out_dir, dtype: Optional[str] = None, layout: str = "hf", 
         bos = getattr(tok, "bos_token_id", None) if tok is not None else src.get("bos_token_id")
         pad = getattr(tok, "pad_token_id", None) if tok is not None else src.get("pad_token_id")
         try:
-            d = W.hf_config_dict(cfg, family, bos_token_id=bos, pad_token_id=pad)
-        except W.UnsupportedModelError as e:
+            d = hf_config_dict(cfg, family, bos_token_id=bos, pad_token_id=pad)
+        except UnsupportedModelError as e:
             raise InputError(f"--family: {e}") from None
         d["dtype"] = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
         if layout == "hf":
@@ -248,7 +257,7 @@ def to_hf(checkpoint, out_dir, dtype: Optional[str] = None, layout: str = "hf", 
             write_remote_code(tmp)
         else:   # the public release's config fields (spec §4); its remote code is not ours to ship
             o = conf.get("objective") or {}
-            d.update(model_type=W.NLD_PUBLIC_MODEL_TYPE, nld_family=W.NLD_PUBLIC_MODEL_TYPE,
+            d.update(model_type=NLD_PUBLIC_MODEL_TYPE, nld_family=NLD_PUBLIC_MODEL_TYPE,
                      architectures=["NemotronLabsDiffusionModel"],
                      auto_map={"AutoConfig": "configuration_nemotron_labs_diffusion.NemotronLabsDiffusionConfig",
                                "AutoModel": "modeling_nemotron_labs_diffusion.NemotronLabsDiffusionModel"},

@@ -1,7 +1,7 @@
 """``nld-convert``: Hugging Face conversion both ways (docs/conversion.md).
 
     nld-convert to-hf <checkpoint> <out_dir> [--dtype bf16|fp32] [--layout hf|nld]
-                      [--family llama|mistral|qwen2|ministral3] [--max-shard-size 5GB]
+                      [--family llama|mistral|qwen2|ministral3|...] [--max-shard-size 5GB]
     nld-convert from-hf <hf_dir> <out_dir> [--tp N] [--mask-token-id N | --add-mask-token]
 """
 from __future__ import annotations
@@ -10,6 +10,11 @@ import argparse
 import os
 import sys
 import time
+
+from nld_train.checkpoint import run_config
+from nld_train.config import model_config_from_dict
+from nld_train.errors import InputError
+from nld_train.inference.hf_format import EXPORT_FAMILIES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--layout", choices=["hf", "nld"], default="hf",
                    help="hf: standard names + our remote code (default); nld: the public Nemotron-Labs-Diffusion "
                         "layout (encoder.*, diffusion_head)")
-    t.add_argument("--family", choices=["llama", "mistral", "qwen2", "ministral3"], default=None,
+    t.add_argument("--family", choices=EXPORT_FAMILIES, default=None,
                    help="config family for plain transformers (default: the imported model's, else derived "
                         "from the model: qwen2 with q/k/v biases, ministral3 with query scaling, llama otherwise)")
     t.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
@@ -45,26 +50,23 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     for k, v in dict(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false").items():
         os.environ.setdefault(k, v)   # conversion never needs a hub
-    from nld_train.checkpoint.hf.export import peak_rss_gib
-    from nld_train.errors import InputError
+    # lazy (see pyproject.toml): transformers reads the variables above when it is imported
+    from nld_train.convert.export import peak_rss_gib, to_hf
+    from nld_train.convert.importer import from_hf, model_overrides
     t0 = time.time()
     try:
         if args.cmd == "to-hf":
-            from nld_train.checkpoint.hf.export import to_hf
             to_hf(args.checkpoint, args.out_dir, dtype=args.dtype, layout=args.layout, family=args.family,
                   max_shard_size=args.max_shard_size)
         else:
-            from nld_train.checkpoint.hf.importer import from_hf, model_overrides
-            from nld_train.inference.loading import _model_config, _run_config
-            from nld_train.checkpoint import read_meta
             step = from_hf(args.hf_dir, args.out_dir, tp=args.tp, mask_token_id=args.mask_token_id,
                            add_mask_token=args.add_mask_token)
-            conf = _run_config(step, read_meta(step))
+            conf = run_config(step)
             tok = conf["tokenizer"]["path"]
             print("train from it with:\n  nld-train recipe=<recipe> checkpoint.init_from=" + args.out_dir
                   + (f" tokenizer.path={tok}" if tok else " tokenizer.path=<a tokenizer with the mask token>")
                   + f" parallel.tensor_model_parallel_size={args.tp} "
-                  + model_overrides(_model_config(conf["model"])))
+                  + model_overrides(model_config_from_dict(conf["model"])))
     except InputError as e:
         print(f"nld-convert: error: {e}", file=sys.stderr)
         return 2

@@ -382,6 +382,7 @@ def run(cfg: Config) -> None:
 def train(trainer: Trainer) -> None:
     try:
         trainer.fit()
-        end_of_run_decoding(trainer)
+        # rank 0 decodes; the others wait outside any collective (the next stage's start is one)
+        on_rank0(lambda: end_of_run_decoding(trainer))
     finally:
         trainer.close()

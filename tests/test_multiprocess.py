@@ -180,7 +180,7 @@ def test_sharded_optimizer_checkpoint_at_tp2_dp2_resumes_at_tp1(mp4_out, tmp_pat
 def test_slow_evaluation_on_rank0_outlasts_the_collective_timeout(tmp_path):
     """An evaluation on rank 0 longer than parallel.timeout_minutes (gloo, 2 processes): the other
     rank waits for it outside any collective and the run completes with the evaluation logged; an
-    evaluation that raises on rank 0 is raised on both ranks instead of hanging them."""
+    error on rank 0 inside nld_train.dist.on_rank0 is raised on both ranks instead of hanging them."""
     from tests.mp_eval_wait import EVAL_S, TIMEOUT_MIN
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            str(REPO / "tests" / "mp_eval_wait.py"), str(tmp_path)]

@@ -20,9 +20,9 @@ EVAL_S = 25
 def main(out_dir):
     import torch.distributed as dist
 
-    import nld_train.eval.hook as hook
     from nld_train.cli import load_config
     from nld_train.dist import on_rank0
+    from nld_train.eval import hook
     from nld_train.train.trainer import Trainer
     assert EVAL_S > 2 * TIMEOUT_MIN * 60
 

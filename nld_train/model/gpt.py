@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -180,7 +181,6 @@ def weights_drawn_on_cpu_then(move):
     megatron does not draw this way (norm weights, biases: ones and zeros) stays where it is built.
     The GPU initialisation (``use_cpu_initialization=False``) is not used: it draws each TP shard
     from the CUDA RNG tracker's stream, other numbers than any CPU run and different per TP size."""
-    import sys
     from megatron.core.tensor_parallel import layers
     draw = layers._initialize_affine_weight_cpu
 

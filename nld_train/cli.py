@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         from nld_train.plan import dry_run  # lazy: torch, through the objectives
         return dry_run([stage_cfg for _, _, stage_cfg in stages])
     # lazy from here on: torch and megatron load only once the config is known to be good
-    from nld_train.dist import shutdown
+    from nld_train.dist import on_rank0, shutdown
     if cfg.addon.kind:  # learned sampler / LoRA drafter of a frozen LM: their own small loop (docs/addons.md)
         from nld_train.addons import run_addon
         rc = run_addon(cfg)
@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             trainer.fit()
-            end_of_run_decoding(trainer)
+            # rank 0 decodes; the others wait outside any collective (the next stage's start is one)
+            on_rank0(lambda: end_of_run_decoding(trainer))
         finally:
             trainer.close()
     shutdown()

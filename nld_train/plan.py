@@ -25,7 +25,21 @@ The memory model is what *this* trainer allocates on CUDA (estimates, not measur
   parameters (ZeRO stage 1, torch's ZeroRedundancyOptimizer): the most loaded rank's share, from the
   same greedy assignment (at least the largest parameter); fp32 parameters are their own master
   copy, the fp32 grad buffer stays whole.
-Not modelled: pipeline parallelism (nld-train has none), the CPU path.
+
+The step time is the computation at ``plan.mfu`` plus the data-parallel communication it does not
+hide (``comm_per_step``; ring collectives at ``plan.intra_node_gb_per_s`` when the data-parallel
+group fits in one node, else ``plan.inter_node_gb_per_s``, per GPU):
+- the gradient all-reduce: 2 (DP-1)/DP x 4 B x parameters per GPU (fp32 grad buffer). Without
+  parallel.overlap_grad_reduce all of it waits for the whole backward. With it (on by default on
+  CUDA) megatron all-reduces each bucket as soon as the last micro-batch's backward has produced it
+  (earlier micro-batches accumulate under no_sync), so only that backward (2/3 of one micro-batch's
+  compute) can hide it, and never the bucket finished last, the one with the embedding
+  (parallel.ddp_bucket_size, default max(40M, 1M x DP) parameters, and at least the embedding):
+  exposed = max(all-reduce - that backward, the last bucket's all-reduce);
+- parallel.distributed_optimizer: the updated parameters broadcast from their owners,
+  (DP-1)/DP x 4 B x parameters per GPU, after the optimizer step (never overlapped).
+Not modelled: pipeline parallelism (nld-train has none), the CPU path, tensor-parallel
+communication (inside the layers: part of the MFU).
 """
 from __future__ import annotations
 
@@ -123,6 +137,34 @@ def memory_per_gpu(cfg: Config, tp: int | None = None, recompute: str | None = N
                   logits=tokens * padded_vocab_size(m, tp) / tp * 10)
 
 
+def comm_per_step(cfg: Config, compute_s: float) -> dict:
+    """Seconds of data-parallel communication per optimizer step (module docstring for the model):
+    ``grad_reduce`` (all of it), ``grad_reduce_exposed`` (what overlap leaves on the step),
+    ``param_broadcast`` (distributed optimizer), ``exposed`` (what the step pays), ``overlap``,
+    ``bucket`` (parameters), ``gb_per_s`` and ``inter_node``."""
+    p, t, pl = cfg.parallel, cfg.train, cfg.plan
+    tp = p.tensor_model_parallel_size
+    dp = cfg.nodes * cfg.gpus_per_node // tp
+    params = parameter_count(cfg.model, tp)["per_gpu"]
+    inter_node = cfg.nodes > 1  # ranks are TP-major: a data-parallel group has a GPU in every node
+    bw = (pl.inter_node_gb_per_s if inter_node else pl.intra_node_gb_per_s) * GB
+    grad = 2 * (dp - 1) / dp * 4 * params / bw
+    overlap = p.overlap_grad_reduce is not False  # null = on: the plan is for CUDA
+    bucket = p.ddp_bucket_size or max(40_000_000, 1_000_000 * dp)
+    if overlap:
+        micro = t.global_batch_size // (t.micro_batch_size * dp)
+        last_backward = 2 / 3 * compute_s / micro
+        # the last bucket holds the embedding (its gradient is complete only at the end of backward)
+        last_bucket = min(params, max(bucket, parameter_numels(cfg.model, tp)[0][0]))
+        exposed = max(grad - last_backward, grad * last_bucket / params)
+    else:
+        exposed = grad
+    bcast = (dp - 1) / dp * 4 * params / bw if p.distributed_optimizer else 0.0
+    return {"grad_reduce": grad, "grad_reduce_exposed": exposed, "param_broadcast": bcast,
+            "exposed": exposed + bcast, "overlap": overlap, "bucket": bucket, "gb_per_s": bw / GB,
+            "inter_node": inter_node}
+
+
 # what the refusal suggests, cheapest first: (recompute, recompute_modules, distributed_optimizer),
 # each combined with what the config already sets (an option never weakens it)
 _OPTIONS = [("none", [], True), ("selective", ["mlp"], False), ("selective", ["mlp"], True),
@@ -200,8 +242,22 @@ def plan(cfg: Config) -> tuple[str, bool]:
     tokens_per_step = t.global_batch_size * t.seq_length
     tokens = t.max_steps * tokens_per_step
     rate = world * pl.peak_tflops * 1e12 * pl.mfu  # model FLOP/s of the whole job
-    step_s = f_run * tokens_per_step / rate
+    compute_s = f_run * tokens_per_step / rate
+    comm = comm_per_step(cfg, compute_s)
+    step_s = compute_s + comm["exposed"]
     micro = t.global_batch_size // (t.micro_batch_size * dp)
+    where = f"{'across nodes' if comm['inter_node'] else 'in one node'} at {comm['gb_per_s']:.0f} GB/s"
+    if dp == 1:
+        comm_line = "none (DP 1)"
+    elif comm["overlap"]:
+        comm_line = (f"gradient all-reduce {comm['grad_reduce']:.2f} s ({where}), overlapped with the last "
+                     f"micro-batch's backward in buckets of {comm['bucket'] / 1e6:.0f} M params: "
+                     f"{comm['grad_reduce_exposed']:.2f} s exposed")
+    else:
+        comm_line = (f"gradient all-reduce {comm['grad_reduce']:.2f} s ({where}), not overlapped "
+                     f"(parallel.overlap_grad_reduce=false)")
+    if dp > 1 and cfg.parallel.distributed_optimizer:
+        comm_line += f"; parameter broadcast (distributed optimizer) {comm['param_broadcast']:.2f} s"
     seq = objective.describe_tokens(t.seq_length)
     lines = [
         f"plan: recipe={cfg.recipe} model={m.name} objective={o.name}" + objective.describe(),
@@ -223,8 +279,10 @@ def plan(cfg: Config) -> tuple[str, bool]:
         + "; fwd+bwd per data token, Megatron-LM counting",
         f"  budget      {t.max_steps:,} steps x {tokens_per_step:,} tokens = {tokens / 1e9:,.1f} B tokens; "
         f"{f_run * tokens:.3e} FLOPs",
+        f"  DP comm     {comm_line}",
         f"  time        {_fmt_time(step_s * t.max_steps)} at MFU {pl.mfu:.0%} of {pl.peak_tflops:.0f} TFLOP/s "
-        f"per GPU ({step_s:.2f} s/step, {tokens_per_step / step_s / world:,.0f} tokens/s/GPU), "
+        f"per GPU for the compute ({compute_s:.2f} s) + {comm['exposed']:.2f} s of communication "
+        f"({step_s:.2f} s/step, {tokens_per_step / step_s / world:,.0f} tokens/s/GPU), "
         f"{step_s * t.max_steps * world / 3600:,.0f} GPU-hours",
     ]
     if not fits:

@@ -19,8 +19,17 @@ LAYOUTS = {  # name -> overrides (2 processes)
     "tp2": ["train.micro_batch_size=2", "parallel.tensor_model_parallel_size=2"],
     "tp2sp": ["train.micro_batch_size=2", "parallel=tp2"],
     "dp2_zero": ["train.micro_batch_size=2", "parallel.distributed_optimizer=true"],
+    # gradient all-reduce overlapped with the last micro-batch's backward, in buckets small enough
+    # that the smoke model has 8 of them (OVERLAP_TWINS: the same layouts without overlap)
+    "dp2_overlap": ["train.micro_batch_size=1", "parallel.overlap_grad_reduce=true", "parallel.ddp_bucket_size=5000"],
+    "dp2_zero_overlap": ["train.micro_batch_size=2", "parallel.distributed_optimizer=true",
+                         "parallel.overlap_grad_reduce=true", "parallel.ddp_bucket_size=5000"],
 }
 ZERO = "parallel.distributed_optimizer=true"
+OVERLAP = ["parallel.overlap_grad_reduce=true", "parallel.ddp_bucket_size=5000"]
+# overlapped layout -> the same layout without overlap: gradients and losses equal bit for bit
+OVERLAP_TWINS = {"dp2_overlap": "dp2_mbs1", "dp2_zero_overlap": "dp2_zero"}
+OVERLAP_TWINS_FOUR = {"joint_tp2dp2_overlap": "joint_tp2dp2", "joint_tp2dp2_zero_overlap": "joint_tp2dp2_zero"}
 
 
 def gather_full(model):
@@ -70,6 +79,42 @@ def equivalence(out_dir, name, overrides):
     tr.close()
 
 
+def check_weights_moved_as_drawn(m, p):
+    """Build the model plainly and with every drawn weight handed to a mover (a copy here, the GPU
+    in build_model on CUDA): the same weights bit for bit, and every matrix went through the mover
+    (what stays on the host until the end is 1-D: norm weights)."""
+    from megatron.core.tensor_parallel import layers
+
+    from nld_train.model.gpt import build_model, weights_drawn_on_cpu_then
+    draw = layers._initialize_affine_weight_cpu
+    ref = build_model(m, p, 64, seed=5).state_dict()
+    moved = []
+    with weights_drawn_on_cpu_then(lambda t: moved.append(t.clone()) or moved[-1]):
+        model = build_model(m, p, 64, seed=5)
+    assert layers._initialize_affine_weight_cpu is draw  # the patch is gone afterwards
+    got = model.state_dict()
+    assert got.keys() == ref.keys()
+    for k in ref:  # (megatron's _extra_state entries are None)
+        assert torch.equal(got[k], ref[k]) if torch.is_tensor(ref[k]) else got[k] == ref[k], k
+    matrices = [q for q in model.parameters() if q.ndim >= 2]
+    assert len(moved) == len(matrices) > 0
+    if matrices[0].device.type == "cpu":  # on CUDA build_model moves the copies on to the GPU
+        assert {q.data_ptr() for q in matrices} == {t.data_ptr() for t in moved}
+
+
+def init_checks(out_dir):
+    """TP=2: the weights handed to the device as they are drawn equal the CPU initialisation."""
+    from nld_train.cli import load_config
+    from nld_train.dist import init_distributed
+    cfg = load_config([*BASE, "parallel=tp2"])
+    init_distributed(2, seed=cfg.train.seed)
+    check_weights_moved_as_drawn(cfg.model, cfg.parallel)
+    done = torch.ones(dist.get_world_size())
+    dist.all_reduce(done)  # every rank got here
+    if dist.get_rank() == 0:
+        torch.save({"ranks_passed": int(done[0])}, f"{out_dir}/init_tp2.pt")
+
+
 def run_to(run_dir, max_steps, overrides):
     tr = trainer([*overrides, f"run.dir={run_dir}", f"train.max_steps={max_steps}", "train.lr_schedule_steps=8"])
     tr.fit()
@@ -107,6 +152,10 @@ def main(out_dir, arg):
     if arg == "--four":
         for stage, ov in STAGES.items():
             equivalence(out_dir, f"{stage}_tp2dp2", [*ov, "train.micro_batch_size=1", "parallel=tp2"])
+        four_joint = [*STAGES["joint"], "train.micro_batch_size=1", "parallel=tp2"]
+        equivalence(out_dir, "joint_tp2dp2_overlap", [*four_joint, *OVERLAP])
+        equivalence(out_dir, "joint_tp2dp2_zero", [*four_joint, ZERO])
+        equivalence(out_dir, "joint_tp2dp2_zero_overlap", [*four_joint, ZERO, *OVERLAP])
         # the sharded optimizer state at TP=2 x DP=2: a checkpoint at step 2 and its continuation
         four = ["train.micro_batch_size=1", "parallel=tp2", ZERO]
         run_to(f"{out_dir}/zero4_ckpt", 2, four)
@@ -128,6 +177,7 @@ def main(out_dir, arg):
         copy_tree(f"{out_dir}/zero_ckpt", f"{out_dir}/zero_cont")
         run_to(f"{out_dir}/zero_cont", 4, ["train.micro_batch_size=2", ZERO])
         zero_checks(out_dir)
+        init_checks(out_dir)
         # a TP=2 checkpoint at step 2 (kept for the 1-process side) and its TP=2 continuation
         run_to(f"{out_dir}/tp2_ckpt", 2, ["train.micro_batch_size=2", "parallel=tp2"])
         copy_tree(f"{out_dir}/tp2_ckpt", f"{out_dir}/tp2_cont")

@@ -105,6 +105,10 @@ def test_help_lists_recipes():
     (["train.seq_length=72"], "train.seq_length"),  # not a multiple of objective.block_size=16
     (["objective.loss_normalization=mean"], "objective.loss_normalization"),
     (["parallel.sequence_parallel=true"], "parallel.sequence_parallel"),
+    (["parallel.timeout_minutes=0"], "parallel.timeout_minutes"),
+    (["parallel.ddp_bucket_size=0"], "parallel.ddp_bucket_size"),
+    (["parallel.overlap_grad_reduce=false", "parallel.ddp_bucket_size=1000"], "parallel.ddp_bucket_size"),
+    (["plan.inter_node_gb_per_s=0"], "plan.inter_node_gb_per_s"),
     (["+train.bogus=1"], "bogus"),
     (["model=nonexistent"], "model"),
 ])

@@ -127,3 +127,10 @@ def test_query_scaling_uses_each_halfs_positions(dist1):
     assert (out - ref).abs().max() < 1e-4
     no_scale = reference_logits(model, m, ids, pos, joint_attention_mask(L, B))
     assert (out - no_scale).abs().max() > 1e-4
+
+
+def test_weights_moved_as_drawn_equal_the_cpu_initialisation(dist1):
+    """Start-up on CUDA (nld_train.model.gpt.weights_drawn_on_cpu_then), TP=1; TP=2 runs in
+    tests/mp_checks.py."""
+    from tests.mp_checks import check_weights_moved_as_drawn
+    check_weights_moved_as_drawn(ModelConfig(**MICRO), ParallelConfig())

@@ -14,7 +14,7 @@ import torch
 
 from tests.conftest import REPO, run_group
 from tests.test_trainer import grads, make_trainer, max_rel_diff
-from tests.mp_checks import LAYOUTS, STAGES
+from tests.mp_checks import LAYOUTS, OVERLAP_TWINS, OVERLAP_TWINS_FOUR, STAGES
 
 
 def launch(nproc, *args):
@@ -69,6 +69,31 @@ def assert_same(got, ref, what):
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_two_process_layouts_equal_one_process(mp_out, reference, stage, layout):
     assert_same(torch.load(mp_out / f"{stage}_{layout}.pt"), reference[stage], f"{stage} {layout}")
+
+
+def assert_bitwise(got, ref, what):
+    assert torch.equal(got["counts"], ref["counts"]) and torch.equal(got["sums"], ref["sums"]), what
+    assert got["grads"].keys() == ref["grads"].keys(), what
+    for k in ref["grads"]:
+        assert torch.equal(got["grads"][k], ref["grads"][k]), (what, k)
+    assert [(r["loss"], r["grad_norm"]) for r in got["losses"]] == [(r["loss"], r["grad_norm"]) for r in ref["losses"]], what
+
+
+@pytest.mark.parametrize("layout", list(OVERLAP_TWINS))
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_overlapped_grad_reduce_changes_nothing(mp_out, stage, layout):
+    """parallel.overlap_grad_reduce with 8 buckets at DP=2 (2 micro-batches per rank; with and
+    without the sharded optimizer): gradients of batch 0 and 3 steps of losses and gradient norms
+    equal the non-overlapped run bit for bit (a sum of two fp32 values does not depend on when it
+    is taken)."""
+    assert_bitwise(torch.load(mp_out / f"{stage}_{layout}.pt"),
+                   torch.load(mp_out / f"{stage}_{OVERLAP_TWINS[layout]}.pt"), f"{stage} {layout}")
+
+
+def test_weights_moved_as_drawn_at_tp2(mp_out):
+    """Start-up on CUDA at TP=2 (tests/test_model.py has TP=1): each rank's weights, moved as they
+    are drawn, equal the plain CPU initialisation bit for bit."""
+    assert torch.load(mp_out / "init_tp2.pt") == {"ranks_passed": 2}
 
 
 def test_tp2_checkpoint_resumes_at_tp1(mp_out, tmp_path):
@@ -127,6 +152,15 @@ def mp4_out(tmp_path_factory):
 def test_four_processes_tp2_dp2(mp4_out, reference):
     for stage in STAGES:
         assert_same(torch.load(mp4_out / f"{stage}_tp2dp2.pt"), reference[stage], f"{stage} tp2xdp2")
+    for name in ("joint_tp2dp2_zero", *OVERLAP_TWINS_FOUR):
+        assert_same(torch.load(mp4_out / f"{name}.pt"), reference["joint"], name)
+
+
+@pytest.mark.parametrize("name", list(OVERLAP_TWINS_FOUR))
+def test_overlapped_grad_reduce_changes_nothing_at_tp2_dp2(mp4_out, name):
+    """TP=2 x DP=2 (+ SP), joint, 2 micro-batches per rank, 8 buckets, with and without the sharded
+    optimizer: bit for bit the non-overlapped run."""
+    assert_bitwise(torch.load(mp4_out / f"{name}.pt"), torch.load(mp4_out / f"{OVERLAP_TWINS_FOUR[name]}.pt"), name)
 
 
 def test_sharded_optimizer_checkpoint_at_tp2_dp2_resumes_at_tp1(mp4_out, tmp_path):
@@ -141,3 +175,20 @@ def test_sharded_optimizer_checkpoint_at_tp2_dp2_resumes_at_tp1(mp4_out, tmp_pat
         assert abs(uninterrupted[step]["loss"] - cont[step]["loss"]) < 1e-5, step
     for step in (3, 4):
         assert abs(resumed[step]["loss"] - cont[step]["loss"]) < 1e-5, step
+
+
+def test_slow_evaluation_on_rank0_outlasts_the_collective_timeout(tmp_path):
+    """An evaluation on rank 0 longer than parallel.timeout_minutes (gloo, 2 processes): the other
+    rank waits for it outside any collective and the run completes with the evaluation logged; an
+    error on rank 0 inside nld_train.dist.on_rank0 is raised on both ranks instead of hanging them."""
+    from tests.mp_eval_wait import EVAL_S, TIMEOUT_MIN
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           str(REPO / "tests" / "mp_eval_wait.py"), str(tmp_path)]
+    res = run_group(cmd, 600, cwd=REPO)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert min(r0["slow_s"], r1["slow_s"]) > EVAL_S > TIMEOUT_MIN * 60  # rank 1 did wait that long
+    assert metrics(tmp_path / "slow")[1]["eval/slow/accuracy"] == 1.0
+    assert (tmp_path / "slow" / "checkpoints" / "latest").exists()  # the collective save after it
+    assert r0["fail"] == "ValueError: the evaluation broke"
+    assert r1["fail"].startswith("RuntimeError: rank 0 failed") and "the evaluation broke" in r1["fail"]

@@ -123,3 +123,32 @@ def test_impossible_layout_is_a_config_error(capsys):
 def test_plan_keys_are_validated(capsys):
     assert main(["recipe=stage2", "train.dry_run=true", "plan.mfu=1.5"]) == 2
     assert "plan.mfu" in capsys.readouterr().err
+
+
+def test_plan_adds_the_data_parallel_communication_overlap_does_not_hide(capsys):
+    """The step time = compute + the exposed DP communication (nld_train/plan.py's model): the whole
+    fp32 gradient all-reduce without parallel.overlap_grad_reduce; with it, minus the last
+    micro-batch's backward (2/3 of its compute), never below the last bucket's all-reduce."""
+    from nld_train.plan import comm_per_step, parameter_numels
+    base = ["recipe=stage2", "model=nld_8b", "parallel=tp4", "train.dry_run=true", "nodes=32"]
+    on = load_config(base)
+    params = parameter_count(on.model, 4)["per_gpu"]
+    grad = 2 * 63 / 64 * 4 * params / 40e9  # DP 64 across nodes at plan.inter_node_gb_per_s
+    off = comm_per_step(load_config([*base, "parallel.overlap_grad_reduce=false"]), 2.0)
+    assert off["exposed"] == pytest.approx(grad) and not off["overlap"]
+    c = comm_per_step(on, 2.0)  # 512 / (1 x 64) = 8 micro-batches per rank
+    assert c["overlap"] and c["exposed"] == pytest.approx(grad - 2 / 3 * 2.0 / 8)
+    # a long backward hides all but the last bucket: the one with the embedding (> 64 M params)
+    embedding = parameter_numels(on.model, 4)[0][0]
+    assert comm_per_step(on, 100.0)["exposed"] == pytest.approx(grad * embedding / params)
+    # one bucket (larger than the model): nothing to overlap with
+    one = comm_per_step(load_config([*base, f"parallel.ddp_bucket_size={params}"]), 100.0)
+    assert one["exposed"] == pytest.approx(grad)
+    # one node: NVLink bandwidth; the distributed optimizer adds its parameter broadcast
+    node = comm_per_step(load_config([*base, "nodes=1", "parallel.overlap_grad_reduce=false",
+                                      "parallel.distributed_optimizer=true"]), 2.0)
+    bcast = 1 / 2 * 4 * params / 360e9
+    assert node["exposed"] == pytest.approx(2 * 1 / 2 * 4 * params / 360e9 + bcast)
+    assert main(base) == 0
+    out = capsys.readouterr().out
+    assert "overlapped with the last micro-batch's backward" in out and "s of communication" in out

@@ -73,6 +73,46 @@ def test_losses_equal_for_microbatch_sizes_over_steps(dist1, tmp_path):
         assert abs(ra["loss"] - rb["loss"]) < 1e-5 and abs(ra["grad_norm"] - rb["grad_norm"]) < 1e-4 * rb["grad_norm"]
 
 
+def test_overlapped_grad_reduce_in_buckets_changes_nothing(dist1, tmp_path):
+    """parallel.overlap_grad_reduce with 8 buckets and 4 micro-batches (no_sync on all but the last):
+    the same gradients and losses bit for bit (DP=2 and TP2 x DP2: tests/test_multiprocess.py)."""
+    a = make_trainer(tmp_path, "train.micro_batch_size=1", name="a")
+    b = make_trainer(tmp_path, "train.micro_batch_size=1", "parallel.overlap_grad_reduce=true",
+                     "parallel.ddp_bucket_size=5000", name="b")
+    assert len(b.ddp.bucket_groups) > 4 and len(a.ddp.bucket_groups) == 1
+    # when each bucket's all-reduce starts: during the backward, or in finalize_model_grads' wait
+    starts, phase = [], {"finishing": False}
+
+    def spy(obj, name, before):
+        orig = getattr(obj, name)
+
+        def wrapped(*args, **kwargs):
+            before()
+            return orig(*args, **kwargs)
+        setattr(obj, name, wrapped)
+    for g in b.ddp.bucket_groups:
+        spy(g, "start_grad_sync", lambda: starts.append(phase["finishing"]))
+    spy(b.ddp, "finish_grad_sync", lambda: phase.update(finishing=True))
+    spy(b.ddp, "zero_grad_buffer", lambda: phase.update(finishing=False))  # a new batch
+    for step in range(2):
+        del starts[:]
+        ga, sa, _ = grads(a, step)
+        gb, sb, _ = grads(b, step)
+        assert torch.equal(sa, sb) and all(torch.equal(ga[k], gb[k]) for k in ga)
+        assert a.train_step(step) == b.train_step(step)
+    # after the first batch (megatron learns which gradients complete a bucket) every bucket went
+    # out during the backward of the last micro-batch, none waited for finalize_model_grads
+    assert len(starts) == 2 * len(b.ddp.bucket_groups) and not any(starts)  # grads() + train_step
+
+
+def test_bucket_size_without_overlap_is_refused(dist1, tmp_path):
+    from nld_train.config import ConfigError
+    with pytest.raises(ConfigError, match="parallel.ddp_bucket_size"):
+        make_trainer(tmp_path, "parallel.ddp_bucket_size=5000")  # overlap is off on CPU unless set
+    with pytest.raises(ConfigError, match="parallel.ddp_bucket_size"):
+        make_trainer(tmp_path, "parallel.overlap_grad_reduce=false", "parallel.ddp_bucket_size=5000")
+
+
 def test_checkpoint_of_another_shape_is_refused(dist1, tmp_path):
     from nld_train.checkpoint import CheckpointError
     tr = make_trainer(tmp_path, name="src")

@@ -75,7 +75,10 @@ class ParallelConfig:
     sequence_parallel: bool = False
     # "auto": nccl on CUDA, gloo on CPU
     backend: str = "auto"
-    timeout_minutes: int = 10
+    # timeout of every collective, in every process group (megatron's subgroups included); a
+    # fraction is allowed (tests use seconds). Waits on rank 0's in-training evaluation are not
+    # collectives and never time out (nld_train.dist.on_rank0)
+    timeout_minutes: float = 10
     # activation recomputation (same results bit for bit, less memory, ~1 more forward of compute):
     # "none"; "selective": recompute parallel.recompute_modules inside every layer; "full": keep
     # only each layer's input and recompute the whole layer in backward (megatron's full/uniform/1
@@ -87,6 +90,12 @@ class ParallelConfig:
     # the moments of whole parameters it owns, then broadcasts them); same weights bit for bit,
     # same checkpoint format. See docs/parallelism.md
     distributed_optimizer: bool = False
+    # megatron DDP: all-reduce each gradient bucket as soon as the backward of the last micro-batch
+    # has produced it, overlapped with the rest of that backward; null = on with CUDA (NCCL), off on
+    # CPU. The same gradients as without overlap (tests/test_multiprocess.py). docs/parallelism.md
+    overlap_grad_reduce: Optional[bool] = None
+    # parameters per all-reduce bucket when overlapping; null = megatron's max(40M, 1M x DP)
+    ddp_bucket_size: Optional[int] = None
 
 
 @dataclass
@@ -262,7 +271,13 @@ class PlanConfig:
     # memory the plan keeps free: CUDA context, NCCL buffers, allocator fragmentation
     reserve_gb: float = 8.0
     peak_tflops: float = 989.0     # H100 SXM dense bf16
-    mfu: float = 0.40              # model FLOPs utilisation assumed for the time estimate
+    # model FLOPs utilisation of the computation; the data-parallel communication that overlap does
+    # not hide is added on top (nld_train/plan.py)
+    mfu: float = 0.40
+    # all-reduce bus bandwidth per GPU, GB/s: inside a node (H100 SXM NVLink 4: 450 GB/s per
+    # direction, ~80 % reached) and across nodes (one 400 Gb/s NIC per GPU, ~80 % reached)
+    intra_node_gb_per_s: float = 360.0
+    inter_node_gb_per_s: float = 40.0
 
 
 @dataclass
@@ -392,6 +407,13 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if p.sequence_parallel and t.seq_length % tp:
         _fail("parallel.sequence_parallel", f"train.seq_length={t.seq_length} is not divisible by TP={tp}")
     _choice("parallel.backend", p.backend, {"auto", "gloo", "nccl"})
+    if p.timeout_minutes <= 0:
+        _fail("parallel.timeout_minutes", f"must be positive, got {p.timeout_minutes}")
+    if p.ddp_bucket_size is not None and p.ddp_bucket_size <= 0:
+        _fail("parallel.ddp_bucket_size", f"must be positive (parameters per bucket) or null, got {p.ddp_bucket_size}")
+    if p.ddp_bucket_size is not None and p.overlap_grad_reduce is False:
+        _fail("parallel.ddp_bucket_size", "buckets exist only with parallel.overlap_grad_reduce (megatron "
+              "reduces all gradients in one call without it)")
     _choice("parallel.recompute", p.recompute, {"none", "selective", "full"})
     if p.recompute == "selective":
         if not p.recompute_modules:
@@ -434,7 +456,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     # eval.tasks/modes/...: checked by nld_train.eval.settings, which the layers put above config;
     # nld_train.cli.load_config calls it right after this function
     for key, val in [("nodes", cfg.nodes), ("gpus_per_node", cfg.gpus_per_node),
-                     ("plan.gpu_memory_gb", cfg.plan.gpu_memory_gb), ("plan.peak_tflops", cfg.plan.peak_tflops)]:
+                     ("plan.gpu_memory_gb", cfg.plan.gpu_memory_gb), ("plan.peak_tflops", cfg.plan.peak_tflops),
+                     ("plan.intra_node_gb_per_s", cfg.plan.intra_node_gb_per_s),
+                     ("plan.inter_node_gb_per_s", cfg.plan.inter_node_gb_per_s)]:
         if val <= 0:
             _fail(key, f"must be positive, got {val}")
     if not 0 < cfg.plan.mfu <= 1:

@@ -9,6 +9,7 @@ import datetime
 import functools
 import importlib.util
 import os
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -122,7 +123,7 @@ def launched_world_size() -> int:
     return world
 
 
-def init_distributed(tensor_model_parallel_size: int, backend: str = "auto", timeout_minutes: int = 10,
+def init_distributed(tensor_model_parallel_size: int, backend: str = "auto", timeout_minutes: float = 10,
                      seed: int = 1234) -> Layout:
     """Start the process group and megatron's parallel state.
 
@@ -157,7 +158,10 @@ def init_distributed(tensor_model_parallel_size: int, backend: str = "auto", tim
             ps.get_tensor_model_parallel_world_size() != tensor_model_parallel_size:
         ps.destroy_model_parallel()  # a pipeline stage with another layout
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tensor_model_parallel_size)
+        # the subgroups (data-parallel, tensor-parallel, ...) get the same timeout as the world group:
+        # megatron's default is 30 minutes whatever parallel.timeout_minutes says
+        ps.initialize_model_parallel(tensor_model_parallel_size=tensor_model_parallel_size,
+                                     distributed_timeout_minutes=timeout_minutes)
     # megatron's model-parallel RNG (dropout/init inside TP regions): same on TP peers by design
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return current_layout()
@@ -197,6 +201,40 @@ def local_optimizer(optimizer) -> torch.optim.Optimizer:
 def is_sharded(optimizer) -> bool:
     """Whether the optimizer state is split over the data-parallel ranks (parallel.distributed_optimizer)."""
     return isinstance(optimizer, ZeroRedundancyOptimizer)
+
+
+_ON_RANK0_CALLS = 0
+
+
+def on_rank0(fn, poll_s: float = 1.0):
+    """``fn()`` on global rank 0 only, the other ranks waiting for it *outside any collective*.
+
+    A rank 0 busy for longer than the process-group timeout (an evaluation during training) would
+    trip the NCCL watchdog (or gloo's timeout) on ranks that wait in the next collective. Here they
+    poll a key of the job's rendezvous store instead, which has no deadline; rank 0 sets the key
+    when ``fn`` returns or raises, so an error on rank 0 is raised on every rank, not turned into a
+    hang. Every rank must call this at the same points (the keys are numbered by call). Returns
+    ``fn()``'s result on rank 0 and None elsewhere."""
+    global _ON_RANK0_CALLS
+    _ON_RANK0_CALLS += 1
+    if dist.get_world_size() == 1:
+        return fn()
+    store = dist.distributed_c10d._get_default_store()
+    key = f"nld_train/on_rank0/{_ON_RANK0_CALLS}"
+    if dist.get_rank() == 0:
+        try:
+            out = fn()
+        except BaseException as e:
+            store.set(key, f"error: {type(e).__name__}: {e}"[:2000])
+            raise
+        store.set(key, "ok")
+        return out
+    while not store.check([key]):  # check() returns at once: no store timeout applies
+        time.sleep(poll_s)
+    status = store.get(key).decode()
+    if status != "ok":
+        raise RuntimeError(f"rank 0 failed while the other ranks waited for it: {status[len('error: '):]}")
+    return None
 
 
 def shutdown() -> None:

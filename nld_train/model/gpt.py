@@ -9,6 +9,9 @@
 """
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
@@ -124,7 +127,8 @@ def transformer_config(m: ModelConfig, p: ParallelConfig) -> TransformerConfig:
         activation_func=F.silu, add_bias_linear=False, add_qkv_bias=m.qkv_bias, hidden_dropout=0.0, attention_dropout=0.0,
         init_method_std=m.init_method_std, params_dtype=torch.float32,
         # full weights are drawn from the torch seed and then split: every TP layout starts from
-        # the same weights (what makes TP=1 vs TP=2 comparisons exact)
+        # the same weights (what makes TP=1 vs TP=2 comparisons exact). On CUDA, build_model moves
+        # each weight to the device as soon as it is drawn (weights_drawn_on_cpu_then)
         use_cpu_initialization=True,
         tensor_model_parallel_size=p.tensor_model_parallel_size, sequence_parallel=p.sequence_parallel,
         # sum token losses; finalize_model_grads must not divide by DP (we normalise globally)
@@ -165,9 +169,44 @@ def apply_recompute(model: GPTModel, p: ParallelConfig) -> None:
             _checkpointed(layer.mlp)
 
 
+@contextlib.contextmanager
+def weights_drawn_on_cpu_then(move):
+    """While megatron builds a model with ``use_cpu_initialization``: every weight it draws (a full
+    fp32 master weight from the torch CPU generator, split over TP, this rank's part kept) gets
+    ``move(weight.data)`` as its data as soon as it is drawn (a dense tensor: CPU or CUDA).
+
+    The draws, and so the weights, are exactly those of the plain CPU initialisation: the same
+    generator, the same order, the same split. Only where the kept part lives changes, so the host
+    holds one master weight at a time instead of this rank's whole model (fp32) until the end. What
+    megatron does not draw this way (norm weights, biases: ones and zeros) stays where it is built.
+    The GPU initialisation (``use_cpu_initialization=False``) is not used: it draws each TP shard
+    from the CUDA RNG tracker's stream, other numbers than any CPU run and different per TP size."""
+    from megatron.core.tensor_parallel import layers
+    draw = layers._initialize_affine_weight_cpu
+
+    def draw_then_move(weight, *args, **kwargs):
+        out = draw(weight, *args, **kwargs)
+        weight.data = move(weight.data)
+        return out
+
+    # the layers bind the function at import: patch every module that uses it (TE's when loaded)
+    users = [mod for name in ("megatron.core.tensor_parallel.layers", "megatron.core.extensions.transformer_engine",
+                              "megatron.core.transformer.moe.experts")
+             if (mod := sys.modules.get(name)) is not None and getattr(mod, "_initialize_affine_weight_cpu", None) is draw]
+    for mod in users:
+        mod._initialize_affine_weight_cpu = draw_then_move
+    try:
+        yield
+    finally:
+        for mod in users:
+            mod._initialize_affine_weight_cpu = draw
+
+
 def build_model(m: ModelConfig, p: ParallelConfig, max_seq_length: int, seed: int) -> NLDGPTModel:
-    """The training model on the current device; identical initial weights for any TP layout."""
+    """The training model on the current device; identical initial weights for any TP layout and
+    any device. On CUDA each weight goes to the GPU as soon as it is drawn."""
     caps = capabilities()
+    device = torch.device(caps.device)
     torch.manual_seed(seed)
     cfg = transformer_config(m, p)
     layer, norm = layer_spec(caps.transformer_engine)
@@ -175,11 +214,13 @@ def build_model(m: ModelConfig, p: ParallelConfig, max_seq_length: int, seed: in
         from megatron.core.extensions.transformer_engine import TENorm
         norm = TENorm
     spec = TransformerBlockSubmodules(layer_specs=[layer] * m.num_layers, layer_norm=norm)
-    model = NLDGPTModel(
-        config=cfg, transformer_layer_spec=spec,
-        vocab_size=padded_vocab_size(m, p.tensor_model_parallel_size),
-        max_sequence_length=max(max_seq_length, m.max_position_embeddings),
-        position_embedding_type="rope", rotary_base=int(m.rope_theta),
-        share_embeddings_and_output_weights=False, parallel_output=True, nld=m)
+    placed = contextlib.nullcontext() if device.type == "cpu" else weights_drawn_on_cpu_then(lambda t: t.to(device))
+    with placed:
+        model = NLDGPTModel(
+            config=cfg, transformer_layer_spec=spec,
+            vocab_size=padded_vocab_size(m, p.tensor_model_parallel_size),
+            max_sequence_length=max(max_seq_length, m.max_position_embeddings),
+            position_embedding_type="rope", rotary_base=int(m.rope_theta),
+            share_embeddings_and_output_weights=False, parallel_output=True, nld=m)
     apply_recompute(model, p)
-    return model.to(caps.device)
+    return model.to(device)  # the rest: norms, biases, rotary frequencies

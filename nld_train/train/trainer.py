@@ -35,7 +35,7 @@ from nld_train.data import (
     get_samples,
     load_tokenizer,
 )
-from nld_train.dist import capabilities, init_distributed
+from nld_train.dist import capabilities, init_distributed, on_rank0
 from nld_train.errors import DataError
 from nld_train.model.gpt import build_model
 from nld_train.objective import objective_from_config
@@ -75,8 +75,15 @@ class Trainer:
         self.log(describe(data_summary, cfg.data.format, t.max_steps * t.global_batch_size * t.seq_length))
 
         self.model = build_model(cfg.model, cfg.parallel, t.seq_length, t.seed)
-        self.ddp = DistributedDataParallel(self.model.config,
-                                           DistributedDataParallelConfig(grad_reduce_in_fp32=True), self.model)
+        par = cfg.parallel
+        # parallel.overlap_grad_reduce (null: with CUDA): buckets are all-reduced during backward
+        self.overlap_grad_reduce = self.caps.cuda if par.overlap_grad_reduce is None else par.overlap_grad_reduce
+        if par.ddp_bucket_size is not None and not self.overlap_grad_reduce:
+            raise ConfigError("parallel.ddp_bucket_size: buckets exist only with parallel.overlap_grad_reduce, "
+                              f"which is off on {self.caps.device} unless set to true")
+        self.ddp = DistributedDataParallel(self.model.config, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=self.overlap_grad_reduce,
+            bucket_size=par.ddp_bucket_size), self.model)
         self.params = [p for p in self.ddp.parameters() if p.requires_grad]
         # parallel.distributed_optimizer: the AdamW state split over the data-parallel ranks (ZeRO-1)
         self.optimizer = build_optimizer(self.ddp, t, self._dp_group() if cfg.parallel.distributed_optimizer else None)
@@ -195,11 +202,14 @@ class Trainer:
         n_micro_total = len(preps) * self.layout.dp
         self.ddp.zero_grad_buffer()
         sums = torch.zeros(2, device=self.device)
-        for prep in preps:
-            s_ar, s_diff = self.objective.sums(self._forward(prep), prep)
-            self.objective.loss(s_ar, s_diff, prep, counts, n_micro_total).backward()
+        for i, prep in enumerate(preps):
+            # megatron counts a gradient as ready for its bucket's all-reduce only outside no_sync:
+            # with parallel.overlap_grad_reduce the buckets go out during the last backward
+            with contextlib.nullcontext() if i == len(preps) - 1 else self.ddp.no_sync():
+                s_ar, s_diff = self.objective.sums(self._forward(prep), prep)
+                self.objective.loss(s_ar, s_diff, prep, counts, n_micro_total).backward()
             sums += torch.stack([s_ar.detach(), s_diff.detach()]).float()
-        finalize_model_grads([self.ddp], num_tokens=None)  # DP all-reduce (sum), SP norm grads
+        finalize_model_grads([self.ddp], num_tokens=None)  # DP all-reduce (sum) or its wait, SP norm grads
         dist.all_reduce(sums, group=self._dp_group())
         return sums, counts
 
@@ -287,8 +297,10 @@ class Trainer:
                 row["mfu"] = self.flops_per_token * row["tokens_per_s"] / (self.peak_flops * self.layout.world_size)
             if t.eval_interval and self.step % t.eval_interval == 0:
                 row.update(self.evaluate())
-            if self.cfg.eval.interval and self.step % self.cfg.eval.interval == 0 and self.rank0:
-                row.update(self.eval_hook(self))  # benchmarks (docs/evaluation.md)
+            if self.cfg.eval.interval and self.step % self.cfg.eval.interval == 0:
+                # benchmarks (docs/evaluation.md): rank 0 evaluates; the others wait outside any
+                # collective, so no process-group timeout bounds the eval's length
+                row.update(on_rank0(lambda: self.eval_hook(self)) or {})
             if self.rank0:
                 self.metrics.write(row)
                 self.wandb.log(row)

@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass
 
 from nld_train.config import Config, ModelConfig, padded_vocab_size
-from nld_train.observability import train_flops_per_token
+from nld_train.observability import resolve_peak_flops, train_flops_per_token
 
 GB = 1e9
 
@@ -194,8 +194,10 @@ def plan(cfg: Config) -> tuple[str, bool]:
     f_run = f_joint if joint else f_ar
     tokens_per_step = t.global_batch_size * t.seq_length
     tokens = t.max_steps * tokens_per_step
-    rate = world * pl.peak_tflops * 1e12 * pl.mfu  # model FLOP/s of the whole job
-    step_s = f_run * tokens_per_step / rate
+    # the peak of the GPUs planned for: train.peak_tflops, else this machine's GPU if it is known
+    # (a login node without one plans no time rather than assuming a GPU)
+    peak, peak_why = resolve_peak_flops(t.peak_tflops)
+    step_s = f_run * tokens_per_step / (world * peak * pl.mfu) if peak else None
     micro = t.global_batch_size // (t.micro_batch_size * dp)
     seq = f"{2 * t.seq_length} (2L joint)" if joint else str(t.seq_length)
     lines = [
@@ -219,9 +221,10 @@ def plan(cfg: Config) -> tuple[str, bool]:
         f"{f_joint / f_ar:.2f}x AR); fwd+bwd per data token, Megatron-LM counting",
         f"  budget      {t.max_steps:,} steps x {tokens_per_step:,} tokens = {tokens / 1e9:,.1f} B tokens; "
         f"{f_run * tokens:.3e} FLOPs",
-        f"  time        {_fmt_time(step_s * t.max_steps)} at MFU {pl.mfu:.0%} of {pl.peak_tflops:.0f} TFLOP/s "
-        f"per GPU ({step_s:.2f} s/step, {tokens_per_step / step_s / world:,.0f} tokens/s/GPU), "
-        f"{step_s * t.max_steps * world / 3600:,.0f} GPU-hours",
+        (f"  time        {_fmt_time(step_s * t.max_steps)} at MFU {pl.mfu:.0%} of {peak / 1e12:.0f} TFLOP/s "
+         f"per GPU ({peak_why}; {step_s:.2f} s/step, {tokens_per_step / step_s / world:,.0f} tokens/s/GPU), "
+         f"{step_s * t.max_steps * world / 3600:,.0f} GPU-hours" if peak else
+         f"  time        not estimated: no peak TFLOP/s ({peak_why}, e.g. 989 for H100 SXM)"),
     ]
     if not fits:
         hint = _suggest(cfg, budget)

@@ -85,7 +85,8 @@ def test_published_sizes():
 @pytest.mark.parametrize("model", SIZES)
 @pytest.mark.parametrize("recipe", ["stage1", "stage2"])
 def test_dry_run_prints_plan(model, recipe, capsys):
-    rc = main([f"recipe={recipe}", f"model={model}", f"parallel={SIZES[model]}", "train.dry_run=true", "nodes=32"])
+    rc = main([f"recipe={recipe}", f"model={model}", f"parallel={SIZES[model]}", "train.dry_run=true", "nodes=32",
+               "train.peak_tflops=989"])
     out = capsys.readouterr().out
     assert rc == 0, out
     for word in ("parameters", "memory/GPU", "FLOPs/token", "steps", "GPU-hours", "fits"):
@@ -121,3 +122,68 @@ def test_impossible_layout_is_a_config_error(capsys):
 def test_plan_keys_are_validated(capsys):
     assert main(["recipe=stage2", "train.dry_run=true", "plan.mfu=1.5"]) == 2
     assert "plan.mfu" in capsys.readouterr().err
+
+
+# names as torch.cuda.get_device_name() reports them (CUDA device properties), per part
+DEVICE_PEAKS = [
+    ("NVIDIA H100 80GB HBM3", 989.4),     # H100 SXM5
+    ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.4),               # H200 SXM
+    ("NVIDIA H200 NVL", 835.0),
+    ("NVIDIA A100-SXM4-40GB", 312.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA A100-PCIE-40GB", 312.0),
+    ("NVIDIA A100 80GB PCIe", 312.0),
+    ("NVIDIA B200", 2250.0),
+    ("NVIDIA GB200", 2500.0),
+    # no MFU rather than a wrong one: MIG slices, parts not in the table, look-alikes
+    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", None),
+    ("NVIDIA A100-SXM4-80GB MIG 3g.40gb", None),
+    ("NVIDIA H200 MIG 7g.141gb", None),
+    ("NVIDIA H800", None),
+    ("NVIDIA GH200 480GB", None),
+    ("NVIDIA GeForce RTX 4090", None),
+    ("NVIDIA H100", None),
+    ("", None),
+]
+
+
+@pytest.mark.parametrize("name,tflops", DEVICE_PEAKS)
+def test_peak_lookup_by_exact_device_name(name, tflops):
+    from nld_train.observability import peak_tflops_for
+    got, why = peak_tflops_for(name)
+    assert got == tflops, why
+    if "MIG" in name:
+        assert "MIG slice" in why
+
+
+def test_one_peak_key_for_trainer_planner_and_benches(capsys, monkeypatch):
+    """train.peak_tflops overrides detection; null = detected; undetected = no MFU and no time."""
+    import torch
+
+    from nld_train import observability as O
+    assert O.resolve_peak_flops(500.0) == (500e12, "train.peak_tflops")
+    assert O.resolve_peak_flops(500.0, bf16=False)[0] == 500e12  # stated by the user: used as given
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 PCIe")
+    assert O.resolve_peak_flops(None)[0] == 756e12
+    assert O.resolve_peak_flops(None, bf16=False)[0] is None      # fp32 run vs a bf16 peak: no MFU
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3 MIG 2g.20gb")
+    flops, why = O.resolve_peak_flops(None)
+    assert flops is None and "MIG" in why and "train.peak_tflops" in why
+    # the planner: the detected peak, the configured one, or no time at all
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 NVL")
+    assert main(["recipe=stage1", "model=nld_3b", "parallel=tp1_distopt", "train.dry_run=true", "nodes=32"]) == 0
+    assert "of 835 TFLOP/s per GPU (NVIDIA H100 NVL datasheet" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some Future GPU")
+    assert main(["recipe=stage1", "model=nld_3b", "parallel=tp1_distopt", "train.dry_run=true", "nodes=32"]) == 0
+    out = capsys.readouterr().out
+    assert "time        not estimated" in out and "GPU-hours" not in out and "fits" in out
+    assert main(["recipe=stage1", "model=nld_3b", "parallel=tp1_distopt", "train.dry_run=true", "nodes=32",
+                 "train.peak_tflops=2250"]) == 0
+    assert "of 2250 TFLOP/s per GPU (train.peak_tflops" in capsys.readouterr().out
+    assert main(["recipe=stage1", "train.dry_run=true", "train.peak_tflops=0"]) == 2
+    assert "train.peak_tflops" in capsys.readouterr().err
+    with pytest.raises(Exception, match="peak_tflops"):   # the old planner-only key is gone
+        load_config(["recipe=stage1", "plan.peak_tflops=989"])

@@ -150,6 +150,10 @@ class TrainConfig:
     # print the plan (parameters, memory per GPU, FLOPs, steps, time) for `nodes` x `gpus_per_node`
     # GPUs and exit without training; a layout that cannot fit is refused (exit 2). See docs/slurm.md
     dry_run: bool = False
+    # dense bf16 peak TFLOP/s per GPU, the MFU denominator of the trainer's metrics, the planner's
+    # time estimate and the benches; None = detected from the GPU's name (a table of exact names:
+    # nld_train.observability.PEAK_BF16_TFLOPS); unknown GPUs and MIG slices get no MFU
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -259,7 +263,7 @@ class PlanConfig:
     gpu_memory_gb: float = 80.0    # H100 SXM: 80 GB HBM3
     # memory the plan keeps free: CUDA context, NCCL buffers, allocator fragmentation
     reserve_gb: float = 8.0
-    peak_tflops: float = 989.0     # H100 SXM dense bf16
+    # the peak per GPU is train.peak_tflops (one key for trainer, planner and benches)
     mfu: float = 0.40              # model FLOPs utilisation assumed for the time estimate
 
 
@@ -412,8 +416,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _fail("eval.interval", f"must be >= 0, got {cfg.eval.interval}")
     from nld_train.eval.settings import from_eval_config, validate_settings
     validate_settings(from_eval_config(cfg.eval), prefix="eval.")
-    for key, val in [("nodes", cfg.nodes), ("gpus_per_node", cfg.gpus_per_node),
-                     ("plan.gpu_memory_gb", cfg.plan.gpu_memory_gb), ("plan.peak_tflops", cfg.plan.peak_tflops)]:
+    positive = [("nodes", cfg.nodes), ("gpus_per_node", cfg.gpus_per_node), ("plan.gpu_memory_gb", cfg.plan.gpu_memory_gb)]
+    if t.peak_tflops is not None:
+        positive.append(("train.peak_tflops", t.peak_tflops))
+    for key, val in positive:
         if val <= 0:
             _fail(key, f"must be positive, got {val}")
     if not 0 < cfg.plan.mfu <= 1:
@@ -462,7 +468,7 @@ FREE_ON_RESUME = ("train.max_steps", "train.micro_batch_size", "train.log_interv
                   "train.decode_tokens", "train.decode_thresholds",
                   "train.max_consecutive_skipped_steps", "model.attention_backend", "data.cache_dir",
                   "parallel.", "checkpoint.", "run.", "wandb.", "eval.", "recipe", "pipeline",
-                  "train.dry_run", "nodes", "gpus_per_node", "plan.")
+                  "train.dry_run", "train.peak_tflops", "nodes", "gpus_per_node", "plan.")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

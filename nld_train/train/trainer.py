@@ -25,7 +25,7 @@ from nld_train import checkpoint as ckpt
 from nld_train.config import Config, ConfigError, math_changes, padded_vocab_size, validate
 from nld_train.dist import capabilities, init_distributed
 from nld_train.errors import DataError
-from nld_train.observability import MetricsLog, Wandb, gpu_peak_flops, progress_line, provenance, train_flops_per_token
+from nld_train.observability import MetricsLog, Wandb, progress_line, provenance, resolve_peak_flops, train_flops_per_token
 from nld_train.train.optim import build_optimizer, grad_norm_and_clip
 from nld_train.train.preemption import EXIT_PREEMPTED, Preempted, Preemption
 from nld_train.train.schedule import lr_at
@@ -130,7 +130,8 @@ class Trainer:
         self.preemption = Preemption()
         self.flops_per_token = train_flops_per_token(cfg.model, t.seq_length, o.name == "joint", o.block_size,
                                                     self.layout.tp)
-        self.peak_flops = gpu_peak_flops() if self.precision == "bf16" else None  # MFU vs the bf16 peak
+        # MFU denominator: train.peak_tflops, else the detected bf16 peak; none rather than a wrong one
+        self.peak_flops, self.peak_source = resolve_peak_flops(t.peak_tflops, self.precision == "bf16")
 
     def _check_config_change(self, meta: dict, path) -> None:
         """Resuming with other math (model, objective, data, seed, batch, optimizer, schedule) is
@@ -288,6 +289,7 @@ class Trainer:
                   f"{self.step}->{t.max_steps} world={self.layout.world_size} (tp={self.layout.tp}, "
                   f"dp={self.layout.dp}{', optimizer state sharded over dp' if self.cfg.parallel.distributed_optimizer else ''}) device={self.caps.device} te={self.caps.transformer_engine} "
                   f"apex={self.caps.apex} precision={self.precision} "
+                  f"mfu={'vs %.0f TFLOP/s/GPU (%s)' % (self.peak_flops / 1e12, self.peak_source) if self.peak_flops else 'off: ' + self.peak_source} "
                   f"run_dir={self.run_dir}")
         while self.step < t.max_steps:
             t0 = time.time()

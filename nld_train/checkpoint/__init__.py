@@ -242,6 +242,36 @@ def check_compatible(meta: dict, model_shape: dict, path) -> None:
         raise CheckpointError(f"checkpoint {path} has another model shape ({lines})")
 
 
+# Transformer Engine modules carry an ``_extra_state`` entry (their FP8 scaling metadata: an empty
+# or pickled uint8 tensor; megatron saves it as a ShardedObject). megatron's own linears have the
+# same entries (value None) so those keys match across TE / no TE, but TE's final norm
+# (te.pytorch.RMSNorm) has one that the local spec's norm lacks. These entries, and only these,
+# may be absent on either side: a checkpoint saved without TE (CPU runs, nld-convert from-hf)
+# loads into a TE model whose FP8 state then starts fresh, and a TE checkpoint loads into a model
+# without TE (nld-convert to-hf, nld-generate on a laptop), which has no use for FP8 state.
+EXTRA_STATE_SUFFIX = "_extra_state"
+
+
+def _is_extra_state(key: str) -> bool:
+    return key.endswith(EXTRA_STATE_SUFFIX)
+
+
+def _check_mismatch(step_dir, request_only: set, ckpt_only: set, weights_only: bool) -> list:
+    """Keys the model requested that the checkpoint lacks, and keys the checkpoint holds that were
+    not requested: refuse anything but TE extra state (and, for a weights-only load, the optimizer
+    state of a full checkpoint). Returns the requested extra-state keys the checkpoint lacks."""
+    lacking = sorted(k for k in request_only if not _is_extra_state(k))
+    if lacking:
+        raise CheckpointError(f"could not load checkpoint {step_dir}: it lacks {len(lacking)} tensor(s) this "
+                              f"model needs: {lacking[:6]}{' ...' if len(lacking) > 6 else ''}")
+    unused = sorted(k for k in ckpt_only
+                    if not _is_extra_state(k) and not (weights_only and k.startswith("optimizer.")))
+    if unused:
+        raise CheckpointError(f"could not load checkpoint {step_dir}: it holds {len(unused)} tensor(s) this "
+                              f"model has no place for: {unused[:6]}{' ...' if len(unused) > 6 else ''}")
+    return sorted(request_only)
+
+
 def load(step_dir, model, optimizer=None, model_shape: Optional[dict] = None, restore_rng: bool = True) -> dict:
     """Collective. Loads weights (and optimizer + RNG unless weights-only); returns the meta dict.
 
@@ -256,8 +286,12 @@ def load(step_dir, model, optimizer=None, model_shape: Optional[dict] = None, re
     request = {"model": model.sharded_state_dict()}
     if optimizer is not None:
         request["optimizer"] = _optimizer_sharded_state(model, optimizer)
+    from megatron.core.dist_checkpointing.validation import StrictHandling
     try:
-        loaded = dist_checkpointing.load(request, str(step_dir))
+        # RETURN_ALL: keys requested but not saved are dropped from the request and returned
+        # (with the saved keys nobody requested), so they are judged below, not by a storage error
+        loaded, ckpt_only, request_only = dist_checkpointing.load(request, str(step_dir),
+                                                                  strict=StrictHandling.RETURN_ALL)
     except (Exception, CheckpointException) as e:  # say which checkpoint and why, in one line
         # (torch's CheckpointException derives from BaseException and carries per-rank failures)
         cause = next(iter(getattr(e, "failures", {}).values()), e)
@@ -265,7 +299,21 @@ def load(step_dir, model, optimizer=None, model_shape: Optional[dict] = None, re
         text = str(cause).strip()
         reason = type(cause).__name__ + (f": {text.splitlines()[0]}" if text else " (a file is truncated or corrupt)")
         raise CheckpointError(f"could not load checkpoint {step_dir}: {reason}") from e
-    model.load_state_dict(loaded["model"])
+    fresh = _check_mismatch(step_dir, set(request_only), set(ckpt_only), optimizer is None)
+    result = model.load_state_dict(loaded["model"], strict=False)
+    # a module's extra state the checkpoint lacks keeps its fresh value; nothing else may be absent
+    missing = [k for k in result.missing_keys if not _is_extra_state(k)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"could not load checkpoint {step_dir} into this model: missing {missing[:6]}, "
+                              f"unexpected {result.unexpected_keys[:6]}")
+    skipped = sorted(set(k for k in ckpt_only if _is_extra_state(k)))
+    if (fresh or skipped) and dist.get_rank() == 0:
+        print(f"checkpoint {step_dir.name}: Transformer Engine extra state (FP8 scaling metadata) "
+              + (f"absent from the checkpoint for {len(fresh)} module(s), starting fresh ({fresh[0]}"
+                 f"{' ...' if len(fresh) > 1 else ''})" if fresh else "")
+              + ("; " if fresh and skipped else "")
+              + (f"saved for {len(skipped)} module(s) this model does not have, not used ({skipped[0]}"
+                 f"{' ...' if len(skipped) > 1 else ''})" if skipped else ""), flush=True)
     if optimizer is not None:
         opt_sd = loaded["optimizer"]
         step = opt_sd.pop("common_step")

@@ -143,14 +143,63 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _same_kind(saved, current) -> bool:
+    """Generator states of the same kind: CPU (mt19937, 5056 bytes) and CUDA (Philox seed + offset,
+    16 bytes) states are both uint8 tensors, told apart by their size."""
+    return (torch.is_tensor(saved) and torch.is_tensor(current) and saved.dtype == current.dtype
+            and saved.numel() == current.numel())
+
+
+def restorable_rng_state(state: dict, current_tracker: dict, cuda: bool) -> tuple[dict, Optional[object], list]:
+    """What of a saved RNG state applies on this machine: (tracker states to set, CUDA state to
+    set or None, notes about what was kept as seeded at start-up instead).
+
+    A checkpoint saved on CPU holds CPU generator states for megatron's model-parallel tracker and
+    no CUDA state; one saved on a GPU holds CUDA states. megatron's ``set_states`` does not check
+    sizes, and the first ``fork()`` (sequence-parallel and TP regions) would then fail in
+    ``torch.cuda.set_rng_state`` (or ``torch.set_rng_state`` on CPU). So each tracker state is
+    restored only if it is of the kind this machine's tracker holds; the others keep the state
+    ``model_parallel_cuda_manual_seed(train.seed)`` gave them at start-up.
+    """
+    notes = []
+    saved_tracker = state.get("tracker") or {}
+    tracker = dict(current_tracker)
+    kept = []
+    for name, cur in current_tracker.items():
+        if name in saved_tracker and _same_kind(saved_tracker[name], cur):
+            tracker[name] = saved_tracker[name]
+        else:
+            kept.append(name)
+    if kept:
+        why = "not in the checkpoint" if not saved_tracker else "saved on another device kind (CPU vs CUDA)"
+        notes.append(f"model-parallel RNG {kept} {why}: kept as seeded from train.seed at start-up")
+    foreign = sorted(set(saved_tracker) - set(current_tracker))
+    if foreign:
+        notes.append(f"model-parallel RNG {foreign} unknown to this run's tracker: not restored")
+    cuda_state = None
+    if cuda:
+        if "cuda" in state:
+            cuda_state = state["cuda"]
+        else:
+            notes.append("no CUDA RNG state in the checkpoint (saved without CUDA): the CUDA generator keeps "
+                         "its start-up seed")
+    elif "cuda" in state:
+        notes.append("CUDA RNG state of the checkpoint not used (no CUDA here)")
+    return tracker, cuda_state, notes
+
+
+def _set_rng_state(state: dict) -> list:
+    """Restore what applies on this machine (see ``restorable_rng_state``); returns the notes."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-    get_cuda_rng_tracker().set_states(state["tracker"])
+    tracker = get_cuda_rng_tracker()
+    states, cuda_state, notes = restorable_rng_state(state, tracker.get_states(), torch.cuda.is_available())
+    if cuda_state is not None:
+        torch.cuda.set_rng_state(cuda_state)
+    tracker.set_states(states)
+    return notes
 
 
 def _broadcast(obj):
@@ -326,5 +375,7 @@ def load(step_dir, model, optimizer=None, model_shape: Optional[dict] = None, re
         same_layout = (meta.get("world_size") == dist.get_world_size()
                        and meta.get("tensor_model_parallel_size") == ps.get_tensor_model_parallel_world_size())
         if restore_rng and same_layout and rng_file.is_file():  # RNG states belong to a rank's role
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+            notes = _set_rng_state(torch.load(rng_file, weights_only=False))
+            if notes and dist.get_rank() == 0:
+                print(f"checkpoint {step_dir.name}: RNG restored except: " + "; ".join(notes), flush=True)
     return meta

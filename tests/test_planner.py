@@ -187,3 +187,21 @@ def test_one_peak_key_for_trainer_planner_and_benches(capsys, monkeypatch):
     assert "train.peak_tflops" in capsys.readouterr().err
     with pytest.raises(Exception, match="peak_tflops"):   # the old planner-only key is gone
         load_config(["recipe=stage1", "plan.peak_tflops=989"])
+
+
+def test_te_version_range_matches_megatron_core():
+    """pyproject's [gpu] pin and the start-up check agree with megatron-core 0.16.1's own range."""
+    import re
+    from importlib import metadata
+
+    from nld_train.dist import TE_SUPPORTED, te_version_note
+    from tests.conftest import REPO
+    req = [r for r in metadata.requires("megatron-core") if r.startswith("transformer-engine")]
+    assert req and ">=2.9.0a0" in req[0] and "<2.12.0" in req[0], req
+    pin = re.search(r'"transformer-engine\[pytorch\]([^"]*)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert pin == ">=2.9.0a0,<2.12.0"
+    assert TE_SUPPORTED == ((2, 9), (2, 12))
+    for ok in ("2.9.0", "2.10.0+cu13", "2.11.1"):
+        assert te_version_note(ok) is None
+    for bad in ("2.8.0", "2.12.0", "1.13.0"):
+        assert "outside the range" in te_version_note(bad)

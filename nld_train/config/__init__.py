@@ -133,6 +133,10 @@ class TrainConfig:
     clip_grad: float = 1.0
     # "bf16" (autocast, fp32 master weights and grads) or "fp32"; "auto": bf16 on CUDA, fp32 on CPU
     precision: str = "auto"
+    # deterministic kernels on CUDA (torch deterministic mode, cuBLAS workspace, no cuDNN attention,
+    # TE without non-deterministic algorithms): bit-exact repeats and resumes on the same GPU type
+    # and software; slower. CPU training is deterministic either way (docs/checkpointing.md)
+    deterministic: bool = False
     log_interval: int = 1
     # a step whose loss or gradient norm is not finite is skipped (counted as skipped_steps);
     # this many in a row abort the run (its checkpoints stay as they are)
@@ -468,7 +472,7 @@ FREE_ON_RESUME = ("train.max_steps", "train.micro_batch_size", "train.log_interv
                   "train.decode_tokens", "train.decode_thresholds",
                   "train.max_consecutive_skipped_steps", "model.attention_backend", "data.cache_dir",
                   "parallel.", "checkpoint.", "run.", "wandb.", "eval.", "recipe", "pipeline",
-                  "train.dry_run", "train.peak_tflops", "nodes", "gpus_per_node", "plan.")
+                  "train.dry_run", "train.peak_tflops", "train.deterministic", "nodes", "gpus_per_node", "plan.")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

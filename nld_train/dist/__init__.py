@@ -68,6 +68,31 @@ def capabilities() -> Capabilities:
     return Capabilities(cuda=cuda, transformer_engine=te, apex=apex, device="cuda" if cuda else "cpu")
 
 
+def apply_determinism(enabled: bool) -> list:
+    """``train.deterministic``: make every kernel of a training step deterministic, or fail loudly.
+
+    Must run before the first CUDA matmul (cuBLAS reads its workspace setting once). CPU training
+    is deterministic already; on CUDA this turns on torch's deterministic mode, in which an
+    operation without a deterministic implementation raises instead of running (nothing silently
+    non-deterministic), and SDPA does not pick cuDNN attention (torch's backend selection skips it
+    in this mode); FlexAttention's default Triton backward is deterministic (its FLASH backend
+    refuses this mode below SM100 and is not used); cuDNN autotuning is off and Transformer Engine
+    is told not to use non-deterministic algorithms. Returns what was set, for the log.
+    """
+    if not enabled:
+        return []
+    workspace = os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if workspace not in (":4096:8", ":16:8"):
+        raise ValueError(f"train.deterministic: CUBLAS_WORKSPACE_CONFIG={workspace!r} does not make cuBLAS "
+                         "deterministic; unset it or use :4096:8 (or :16:8)")
+    os.environ["NVTE_ALLOW_NONDETERMINISTIC_ALGO"] = "0"
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    return ["torch.use_deterministic_algorithms(True)", f"CUBLAS_WORKSPACE_CONFIG={workspace}",
+            "cudnn.deterministic", "NVTE_ALLOW_NONDETERMINISTIC_ALGO=0"]
+
+
 _PATCHED = False
 
 

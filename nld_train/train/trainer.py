@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from nld_train import checkpoint as ckpt
 from nld_train.config import Config, ConfigError, math_changes, padded_vocab_size, validate
-from nld_train.dist import capabilities, init_distributed
+from nld_train.dist import apply_determinism, capabilities, init_distributed
 from nld_train.errors import DataError
 from nld_train.observability import MetricsLog, Wandb, progress_line, provenance, resolve_peak_flops, train_flops_per_token
 from nld_train.train.optim import build_optimizer, grad_norm_and_clip
@@ -46,6 +46,8 @@ class Trainer:
         from nld_train.objective import build_objective
 
         self.cfg, t = cfg, cfg.train
+        # before anything touches cuBLAS (it reads its workspace setting once)
+        self.determinism = apply_determinism(t.deterministic)
         self.layout = init_distributed(cfg.parallel.tensor_model_parallel_size, cfg.parallel.backend,
                                        cfg.parallel.timeout_minutes, seed=t.seed)
         validate(cfg, self.layout.world_size)
@@ -289,6 +291,7 @@ class Trainer:
                   f"{self.step}->{t.max_steps} world={self.layout.world_size} (tp={self.layout.tp}, "
                   f"dp={self.layout.dp}{', optimizer state sharded over dp' if self.cfg.parallel.distributed_optimizer else ''}) device={self.caps.device} te={self.caps.transformer_engine} "
                   f"apex={self.caps.apex} precision={self.precision} "
+                  f"deterministic={'on (' + ', '.join(self.determinism) + ')' if self.determinism else 'off'} "
                   f"mfu={'vs %.0f TFLOP/s/GPU (%s)' % (self.peak_flops / 1e12, self.peak_source) if self.peak_flops else 'off: ' + self.peak_source} "
                   f"run_dir={self.run_dir}")
         while self.step < t.max_steps:

@@ -8,7 +8,6 @@ TP regions) fails. What applies is restored, the rest keeps its start-up seed, a
 import random
 
 import numpy as np
-import pytest
 import torch
 
 from nld_train.checkpoint import restorable_rng_state

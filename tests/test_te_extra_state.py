@@ -144,7 +144,7 @@ def test_other_absent_or_surplus_tensors_are_still_refused(tmp_path, dist1):
     # the model has a tensor the checkpoint lacks (not extra state): refused, named
     more = _build(seed=2)
     more.decoder.final_layernorm.register_parameter("bias", torch.nn.Parameter(torch.zeros(32)))
-    with pytest.raises(CheckpointError, match=r"lacks 1 tensor\(s\) this model needs: \['decoder.final_layernorm.bias'\]"):
+    with pytest.raises(CheckpointError, match=r"lacks 1 tensor\(s\) this load needs: \['decoder.final_layernorm.bias'\]"):
         ckpt.load(step, more, None, restore_rng=False)
     # the checkpoint holds a tensor the model has no place for: refused, named
     big = _build(seed=1)
@@ -152,3 +152,13 @@ def test_other_absent_or_surplus_tensors_are_still_refused(tmp_path, dist1):
     step2 = _save(tmp_path / "run2", big, with_optimizer=False)
     with pytest.raises(CheckpointError, match=r"no place for: \['decoder.final_layernorm.bias'\]"):
         ckpt.load(step2, _build(seed=2), None, restore_rng=False)
+
+
+def test_weights_only_checkpoint_cannot_resume_an_optimizer(tmp_path, dist1):
+    """A from-hf style checkpoint has no optimizer state: a full resume from it is refused, naming it."""
+    from nld_train import checkpoint as ckpt
+    from nld_train.errors import CheckpointError
+    step = _save(tmp_path / "run", _build(seed=1), with_optimizer=False)
+    model = _build(seed=2)
+    with pytest.raises(CheckpointError, match=r"this load needs: \['optimizer\.state\.exp_avg"):
+        ckpt.load(step, model, torch.optim.AdamW(model.parameters()), restore_rng=False)

@@ -312,13 +312,23 @@ def _check_mismatch(step_dir, request_only: set, ckpt_only: set, weights_only: b
     lacking = sorted(k for k in request_only if not _is_extra_state(k))
     if lacking:
         raise CheckpointError(f"could not load checkpoint {step_dir}: it lacks {len(lacking)} tensor(s) this "
-                              f"model needs: {lacking[:6]}{' ...' if len(lacking) > 6 else ''}")
+                              f"load needs: {lacking[:6]}{' ...' if len(lacking) > 6 else ''}")
     unused = sorted(k for k in ckpt_only
                     if not _is_extra_state(k) and not (weights_only and k.startswith("optimizer.")))
     if unused:
         raise CheckpointError(f"could not load checkpoint {step_dir}: it holds {len(unused)} tensor(s) this "
                               f"model has no place for: {unused[:6]}{' ...' if len(unused) > 6 else ''}")
     return sorted(request_only)
+
+
+def _requested_keys(request: dict) -> set:
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    return {v.key for v in nested_values(request) if hasattr(v, "key")}
+
+
+def _saved_keys(step_dir) -> set:
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+    return {v.key for v in load_sharded_metadata(str(step_dir)).values()}
 
 
 def load(step_dir, model, optimizer=None, model_shape: Optional[dict] = None, restore_rng: bool = True) -> dict:
@@ -337,10 +347,15 @@ def load(step_dir, model, optimizer=None, model_shape: Optional[dict] = None, re
         request["optimizer"] = _optimizer_sharded_state(model, optimizer)
     from megatron.core.dist_checkpointing.validation import StrictHandling
     try:
+        # tensors this load needs that the checkpoint lacks, refused by name before reading (megatron
+        # would drop them from the request and fail later, in a factory merge, without naming them)
+        _check_mismatch(step_dir, _requested_keys(request) - _saved_keys(step_dir), set(), optimizer is None)
         # RETURN_ALL: keys requested but not saved are dropped from the request and returned
         # (with the saved keys nobody requested), so they are judged below, not by a storage error
         loaded, ckpt_only, request_only = dist_checkpointing.load(request, str(step_dir),
                                                                   strict=StrictHandling.RETURN_ALL)
+    except CheckpointError:
+        raise
     except (Exception, CheckpointException) as e:  # say which checkpoint and why, in one line
         # (torch's CheckpointException derives from BaseException and carries per-rank failures)
         cause = next(iter(getattr(e, "failures", {}).values()), e)

@@ -9,14 +9,19 @@ from nld_train.dist import apply_determinism
 
 
 @pytest.fixture
-def restore_flags(monkeypatch):
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    monkeypatch.delenv("NVTE_ALLOW_NONDETERMINISTIC_ALGO", raising=False)
+def restore_flags():
+    """apply_determinism changes process-wide state: put it all back for the rest of the session."""
+    names = ("CUBLAS_WORKSPACE_CONFIG", "NVTE_ALLOW_NONDETERMINISTIC_ALGO")
+    env = {k: os.environ.pop(k, None) for k in names}
     flags = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
              torch.backends.cudnn.benchmark)
     yield
     torch.use_deterministic_algorithms(flags[0])
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags[1], flags[2]
+    for k, v in env.items():
+        os.environ.pop(k, None)
+        if v is not None:
+            os.environ[k] = v
 
 
 def test_flags(restore_flags, monkeypatch):

@@ -90,8 +90,8 @@ def test_remote_code_bf16_keeps_rope_angles_fp32(sharp):
 
 
 def test_training_model_frequencies_follow_device_stay_fp32(dist1):
-    """megatron's inv_freq is a plain attribute: module casts must move it with the parameters
-    (a CUDA model would otherwise mix devices in its angles) and never change its dtype."""
+    """megatron's inv_freq is a plain attribute that module casts skip: it must follow the
+    parameters' device (megatron itself moves it only from the CPU to CUDA, lazily) and stay fp32."""
     from nld_train.config import ModelConfig, ParallelConfig
     from nld_train.model.gpt import build_model
     m = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, num_query_groups=2, ffn_hidden_size=64,

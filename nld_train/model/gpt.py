@@ -62,9 +62,10 @@ class NLDGPTModel(GPTModel):
         self._mask_cache = {}
 
     def _apply(self, fn, recurse=True):
-        # megatron keeps inv_freq as a plain attribute (not a buffer), so model.to(device) / .cuda()
-        # would leave it on the CPU and the angles below would mix devices. Follow the parameters'
-        # device, keeping the fp32 values whatever dtype the cast asks for.
+        # megatron keeps inv_freq as a plain attribute (not a buffer): module moves skip it, and its
+        # own get_emb only moves it lazily from the CPU to the current CUDA device. Make it follow
+        # every move of the parameters (back to the CPU, to meta) at once, as fp32 values whatever
+        # dtype the cast asks for, so the angles below never mix devices or precisions.
         super()._apply(fn, recurse)
         if hasattr(self, "nld"):
             head_dim = self.config.kv_channels

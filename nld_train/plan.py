@@ -44,11 +44,12 @@ communication (inside the layers: part of the MFU).
 from __future__ import annotations
 
 import sys
+from typing import Optional
 from dataclasses import dataclass
 
 from nld_train.config import Config, ModelConfig, padded_vocab_size
 from nld_train.objective import ARObjective, objective_class, objective_from_config, objective_names
-from nld_train.observability import train_flops_per_token
+from nld_train.observability import resolve_peak_flops, train_flops_per_token
 
 GB = 1e9
 
@@ -137,7 +138,7 @@ def memory_per_gpu(cfg: Config, tp: int | None = None, recompute: str | None = N
                   logits=tokens * padded_vocab_size(m, tp) / tp * 10)
 
 
-def comm_per_step(cfg: Config, compute_s: float) -> dict:
+def comm_per_step(cfg: Config, compute_s: Optional[float]) -> dict:
     """Seconds of data-parallel communication per optimizer step (module docstring for the model):
     ``grad_reduce`` (all of it), ``grad_reduce_exposed`` (what overlap leaves on the step),
     ``param_broadcast`` (distributed optimizer), ``exposed`` (what the step pays), ``overlap``,
@@ -153,7 +154,8 @@ def comm_per_step(cfg: Config, compute_s: float) -> dict:
     bucket = p.ddp_bucket_size or max(40_000_000, 1_000_000 * dp)
     if overlap:
         micro = t.global_batch_size // (t.micro_batch_size * dp)
-        last_backward = 2 / 3 * compute_s / micro
+        # no compute time (no peak known): nothing assumed hidden, an upper bound
+        last_backward = 2 / 3 * compute_s / micro if compute_s is not None else 0.0
         # the last bucket holds the embedding (its gradient is complete only at the end of backward)
         last_bucket = min(params, max(bucket, parameter_numels(cfg.model, tp)[0][0]))
         exposed = max(grad - last_backward, grad * last_bucket / params)
@@ -241,10 +243,12 @@ def plan(cfg: Config) -> tuple[str, bool]:
              for n in objective_names()]
     tokens_per_step = t.global_batch_size * t.seq_length
     tokens = t.max_steps * tokens_per_step
-    rate = world * pl.peak_tflops * 1e12 * pl.mfu  # model FLOP/s of the whole job
-    compute_s = f_run * tokens_per_step / rate
+    # the peak of the GPUs planned for: train.peak_tflops, else this machine's GPU if it is known
+    # (a login node without one plans no time rather than assuming a GPU)
+    peak, peak_why = resolve_peak_flops(t.peak_tflops)
+    compute_s = f_run * tokens_per_step / (world * peak * pl.mfu) if peak else None
     comm = comm_per_step(cfg, compute_s)
-    step_s = compute_s + comm["exposed"]
+    step_s = compute_s + comm["exposed"] if peak else None
     micro = t.global_batch_size // (t.micro_batch_size * dp)
     where = f"{'across nodes' if comm['inter_node'] else 'in one node'} at {comm['gb_per_s']:.0f} GB/s"
     if dp == 1:
@@ -280,10 +284,11 @@ def plan(cfg: Config) -> tuple[str, bool]:
         f"  budget      {t.max_steps:,} steps x {tokens_per_step:,} tokens = {tokens / 1e9:,.1f} B tokens; "
         f"{f_run * tokens:.3e} FLOPs",
         f"  DP comm     {comm_line}",
-        f"  time        {_fmt_time(step_s * t.max_steps)} at MFU {pl.mfu:.0%} of {pl.peak_tflops:.0f} TFLOP/s "
-        f"per GPU for the compute ({compute_s:.2f} s) + {comm['exposed']:.2f} s of communication "
-        f"({step_s:.2f} s/step, {tokens_per_step / step_s / world:,.0f} tokens/s/GPU), "
-        f"{step_s * t.max_steps * world / 3600:,.0f} GPU-hours",
+        (f"  time        {_fmt_time(step_s * t.max_steps)} at MFU {pl.mfu:.0%} of {peak / 1e12:.0f} TFLOP/s "
+         f"per GPU ({peak_why}) for the compute ({compute_s:.2f} s) + {comm['exposed']:.2f} s of communication "
+         f"({step_s:.2f} s/step, {tokens_per_step / step_s / world:,.0f} tokens/s/GPU), "
+         f"{step_s * t.max_steps * world / 3600:,.0f} GPU-hours" if peak else
+         f"  time        not estimated: no peak TFLOP/s ({peak_why}, e.g. 989 for H100 SXM)"),
     ]
     if not fits:
         hint = _suggest(cfg, budget)

@@ -18,6 +18,49 @@ os.environ.setdefault("NLD_CACHE_DIR", str(Path(tempfile.gettempdir()) / "nld-te
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _selects_cuda_tests(markexpr: str) -> bool:
+    """Whether ``-m markexpr`` selects tests marked ``cuda`` (``-m cuda``, ``-m "cuda or slow"``)."""
+    if not markexpr:
+        return False
+    try:
+        from _pytest.mark.expression import Expression
+        return bool(Expression.compile(markexpr).evaluate(lambda name, **_: name == "cuda"))
+    except Exception:   # private pytest API: a plain reading if it ever changes
+        return "cuda" in markexpr and "not cuda" not in markexpr
+
+
+def pytest_configure(config):
+    """The device of this session. The suite is written for the CPU (gloo, fp32, golden numbers of
+    CPU runs): on a machine with a GPU, ``build_model`` would put the model on CUDA while a test's
+    tensors stay on the CPU, and fp32 CPU goldens would be compared with bf16 CUDA runs. So unless
+    ``-m`` selects the ``cuda`` tests, the GPUs are hidden from this process and every CLI child
+    (CUDA_VISIBLE_DEVICES is inherited) before anything initialises CUDA: the CPU suite runs
+    exactly as in CI on any machine. ``pytest -m cuda`` keeps the GPUs and runs the tests marked
+    ``cuda`` (tests/test_cuda.py), which use the ``device`` fixture. NLD_TEST_KEEP_CUDA=1 keeps
+    them for a whole-suite run on purpose."""
+    if not (_selects_cuda_tests(config.getoption("markexpr", "")) or os.environ.get("NLD_TEST_KEEP_CUDA") == "1"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+    if torch.cuda.is_available():
+        return
+    why = ("no CUDA device" if os.environ.get("CUDA_VISIBLE_DEVICES") != ""
+           else "GPUs hidden for the CPU suite: run `pytest -m cuda`")
+    skip = pytest.mark.skip(reason=f"cuda test: {why}")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device():
+    """The device tensors of a test belong on: the one build_model puts the model on."""
+    from nld_train.dist import capabilities
+    return capabilities().device
+
+
 @pytest.fixture(scope="session")
 def dist1():
     """A 1-process gloo group with megatron parallel state (TP=1), shared by in-process tests."""

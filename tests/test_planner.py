@@ -87,7 +87,8 @@ def test_published_sizes():
 @pytest.mark.parametrize("model", SIZES)
 @pytest.mark.parametrize("recipe", ["stage1", "stage2"])
 def test_dry_run_prints_plan(model, recipe, capsys):
-    rc = main([f"recipe={recipe}", f"model={model}", f"parallel={SIZES[model]}", "train.dry_run=true", "nodes=32"])
+    rc = main([f"recipe={recipe}", f"model={model}", f"parallel={SIZES[model]}", "train.dry_run=true", "nodes=32",
+               "train.peak_tflops=989"])
     out = capsys.readouterr().out
     assert rc == 0, out
     for word in ("parameters", "memory/GPU", "FLOPs/token", "steps", "GPU-hours", "fits"):
@@ -130,7 +131,7 @@ def test_plan_adds_the_data_parallel_communication_overlap_does_not_hide(capsys)
     fp32 gradient all-reduce without parallel.overlap_grad_reduce; with it, minus the last
     micro-batch's backward (2/3 of its compute), never below the last bucket's all-reduce."""
     from nld_train.plan import comm_per_step, parameter_numels
-    base = ["recipe=stage2", "model=nld_8b", "parallel=tp4", "train.dry_run=true", "nodes=32"]
+    base = ["recipe=stage2", "model=nld_8b", "parallel=tp4", "train.dry_run=true", "nodes=32", "train.peak_tflops=989"]
     on = load_config(base)
     params = parameter_count(on.model, 4)["per_gpu"]
     grad = 2 * 63 / 64 * 4 * params / 40e9  # DP 64 across nodes at plan.inter_node_gb_per_s
@@ -152,3 +153,86 @@ def test_plan_adds_the_data_parallel_communication_overlap_does_not_hide(capsys)
     assert main(base) == 0
     out = capsys.readouterr().out
     assert "overlapped with the last micro-batch's backward" in out and "s of communication" in out
+
+
+# names as torch.cuda.get_device_name() reports them (CUDA device properties), per part
+DEVICE_PEAKS = [
+    ("NVIDIA H100 80GB HBM3", 989.4),     # H100 SXM5
+    ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.4),               # H200 SXM
+    ("NVIDIA H200 NVL", 835.0),
+    ("NVIDIA A100-SXM4-40GB", 312.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA A100-PCIE-40GB", 312.0),
+    ("NVIDIA A100 80GB PCIe", 312.0),
+    ("NVIDIA B200", 2250.0),
+    ("NVIDIA GB200", 2500.0),
+    # no MFU rather than a wrong one: MIG slices, parts not in the table, look-alikes
+    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", None),
+    ("NVIDIA A100-SXM4-80GB MIG 3g.40gb", None),
+    ("NVIDIA H200 MIG 7g.141gb", None),
+    ("NVIDIA H800", None),
+    ("NVIDIA GH200 480GB", None),
+    ("NVIDIA GeForce RTX 4090", None),
+    ("NVIDIA H100", None),
+    ("", None),
+]
+
+
+@pytest.mark.parametrize("name,tflops", DEVICE_PEAKS)
+def test_peak_lookup_by_exact_device_name(name, tflops):
+    from nld_train.observability import peak_tflops_for
+    got, why = peak_tflops_for(name)
+    assert got == tflops, why
+    if "MIG" in name:
+        assert "MIG slice" in why
+
+
+def test_one_peak_key_for_trainer_planner_and_benches(capsys, monkeypatch):
+    """train.peak_tflops overrides detection; null = detected; undetected = no MFU and no time."""
+    import torch
+
+    from nld_train import observability as O
+    assert O.resolve_peak_flops(500.0) == (500e12, "train.peak_tflops")
+    assert O.resolve_peak_flops(500.0, bf16=False)[0] == 500e12  # stated by the user: used as given
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 PCIe")
+    assert O.resolve_peak_flops(None)[0] == 756e12
+    assert O.resolve_peak_flops(None, bf16=False)[0] is None      # fp32 run vs a bf16 peak: no MFU
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3 MIG 2g.20gb")
+    flops, why = O.resolve_peak_flops(None)
+    assert flops is None and "MIG" in why and "train.peak_tflops" in why
+    # the planner: the detected peak, the configured one, or no time at all
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 NVL")
+    assert main(["recipe=stage1", "model=nld_3b", "parallel=tp1_distopt", "train.dry_run=true", "nodes=32"]) == 0
+    assert "of 835 TFLOP/s per GPU (NVIDIA H100 NVL datasheet" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some Future GPU")
+    assert main(["recipe=stage1", "model=nld_3b", "parallel=tp1_distopt", "train.dry_run=true", "nodes=32"]) == 0
+    out = capsys.readouterr().out
+    assert "time        not estimated" in out and "GPU-hours" not in out and "fits" in out
+    assert main(["recipe=stage1", "model=nld_3b", "parallel=tp1_distopt", "train.dry_run=true", "nodes=32",
+                 "train.peak_tflops=2250"]) == 0
+    assert "of 2250 TFLOP/s per GPU (train.peak_tflops" in capsys.readouterr().out
+    assert main(["recipe=stage1", "train.dry_run=true", "train.peak_tflops=0"]) == 2
+    assert "train.peak_tflops" in capsys.readouterr().err
+    with pytest.raises(Exception, match="peak_tflops"):   # the old planner-only key is gone
+        load_config(["recipe=stage1", "plan.peak_tflops=989"])
+
+
+def test_te_version_range_matches_megatron_core():
+    """pyproject's [gpu] pin and the start-up check agree with megatron-core 0.16.1's own range."""
+    import re
+    from importlib import metadata
+
+    from nld_train.dist import TE_SUPPORTED, te_version_note
+    from tests.conftest import REPO
+    req = [r for r in metadata.requires("megatron-core") if r.startswith("transformer-engine")]
+    assert req and ">=2.9.0a0" in req[0] and "<2.12.0" in req[0], req
+    pin = re.search(r'"transformer-engine\[pytorch\]([^"]*)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert pin == ">=2.9.0a0,<2.12.0"
+    assert TE_SUPPORTED == ((2, 9), (2, 12))
+    for ok in ("2.9.0", "2.10.0+cu13", "2.11.1"):
+        assert te_version_note(ok) is None
+    for bad in ("2.8.0", "2.12.0", "1.13.0"):
+        assert "outside the range" in te_version_note(bad)

@@ -75,20 +75,20 @@ def registered():
 @pytest.fixture(scope="module")
 def toy_run(registered, dist1, tmp_path_factory, one_thread):
     """Two steps of the smoke recipe with the toy objective, and its final checkpoint."""
-    import nld_train.data as data
+    import nld_train.train.trainer as trainer_module
     from nld_train.train.trainer import Trainer
     tmp = tmp_path_factory.mktemp("toy")
-    aligns, build = [], data.build_datasets
+    aligns, build = [], trainer_module.build_datasets
 
     def spy(*a, **k):
         aligns.append(a[-1])
         return build(*a, **k)
-    data.build_datasets = spy
+    trainer_module.build_datasets = spy  # the name the trainer calls
     try:
         tr = Trainer(load_config([*SMALL, f"run.dir={tmp / 'run'}", "objective.name=toy_even", "train.max_steps=2",
                                   "train.log_interval=1"], world_size=1))
     finally:
-        data.build_datasets = build
+        trainer_module.build_datasets = build
     try:
         tr.fit()
     finally:

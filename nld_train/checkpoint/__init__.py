@@ -160,14 +160,63 @@ def rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _same_kind(saved, current) -> bool:
+    """Generator states of the same kind: CPU (mt19937, 5056 bytes) and CUDA (Philox seed + offset,
+    16 bytes) states are both uint8 tensors, told apart by their size."""
+    return (torch.is_tensor(saved) and torch.is_tensor(current) and saved.dtype == current.dtype
+            and saved.numel() == current.numel())
+
+
+def restorable_rng_state(state: dict, current_tracker: dict, cuda: bool) -> tuple[dict, Optional[object], list]:
+    """What of a saved RNG state applies on this machine: (tracker states to set, CUDA state to
+    set or None, notes about what was kept as seeded at start-up instead).
+
+    A checkpoint saved on CPU holds CPU generator states for megatron's model-parallel tracker and
+    no CUDA state; one saved on a GPU holds CUDA states. megatron's ``set_states`` does not check
+    sizes, and the first ``fork()`` (sequence-parallel and TP regions) would then fail in
+    ``torch.cuda.set_rng_state`` (or ``torch.set_rng_state`` on CPU). So each tracker state is
+    restored only if it is of the kind this machine's tracker holds; the others keep the state
+    ``model_parallel_cuda_manual_seed(train.seed)`` gave them at start-up.
+    """
+    notes = []
+    saved_tracker = state.get("tracker") or {}
+    tracker = dict(current_tracker)
+    kept = []
+    for name, cur in current_tracker.items():
+        if name in saved_tracker and _same_kind(saved_tracker[name], cur):
+            tracker[name] = saved_tracker[name]
+        else:
+            kept.append(name)
+    if kept:
+        why = "not in the checkpoint" if not saved_tracker else "saved on another device kind (CPU vs CUDA)"
+        notes.append(f"model-parallel RNG {kept} {why}: kept as seeded from train.seed at start-up")
+    foreign = sorted(set(saved_tracker) - set(current_tracker))
+    if foreign:
+        notes.append(f"model-parallel RNG {foreign} unknown to this run's tracker: not restored")
+    cuda_state = None
+    if cuda:
+        if "cuda" in state:
+            cuda_state = state["cuda"]
+        else:
+            notes.append("no CUDA RNG state in the checkpoint (saved without CUDA): the CUDA generator keeps "
+                         "its start-up seed")
+    elif "cuda" in state:
+        notes.append("CUDA RNG state of the checkpoint not used (no CUDA here)")
+    return tracker, cuda_state, notes
+
+
+def _set_rng_state(state: dict) -> list:
+    """Restore what applies on this machine (see ``restorable_rng_state``); returns the notes."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-    get_cuda_rng_tracker().set_states(state["tracker"])
+    tracker = get_cuda_rng_tracker()
+    states, cuda_state, notes = restorable_rng_state(state, tracker.get_states(), torch.cuda.is_available())
+    if cuda_state is not None:
+        torch.cuda.set_rng_state(cuda_state)
+    tracker.set_states(states)
+    return notes
 
 
 def _broadcast(obj):
@@ -261,6 +310,46 @@ def check_compatible(meta: dict, model_shape: dict, path) -> None:
         raise CheckpointError(f"checkpoint {path} has another model shape ({lines})")
 
 
+# Transformer Engine modules carry an ``_extra_state`` entry (their FP8 scaling metadata: an empty
+# or pickled uint8 tensor; megatron saves it as a ShardedObject). megatron's own linears have the
+# same entries (value None) so those keys match across TE / no TE, but TE's final norm
+# (te.pytorch.RMSNorm) has one that the local spec's norm lacks. These entries, and only these,
+# may be absent on either side: a checkpoint saved without TE (CPU runs, nld-convert from-hf)
+# loads into a TE model whose FP8 state then starts fresh, and a TE checkpoint loads into a model
+# without TE (nld-convert to-hf, nld-generate on a laptop), which has no use for FP8 state.
+EXTRA_STATE_SUFFIX = "_extra_state"
+
+
+def _is_extra_state(key: str) -> bool:
+    return key.endswith(EXTRA_STATE_SUFFIX)
+
+
+def _check_mismatch(step_dir, request_only: set, ckpt_only: set, weights_only: bool) -> list:
+    """Keys the model requested that the checkpoint lacks, and keys the checkpoint holds that were
+    not requested: refuse anything but TE extra state (and, for a weights-only load, the optimizer
+    state of a full checkpoint). Returns the requested extra-state keys the checkpoint lacks."""
+    lacking = sorted(k for k in request_only if not _is_extra_state(k))
+    if lacking:
+        raise CheckpointError(f"could not load checkpoint {step_dir}: it lacks {len(lacking)} tensor(s) this "
+                              f"load needs: {lacking[:6]}{' ...' if len(lacking) > 6 else ''}")
+    unused = sorted(k for k in ckpt_only
+                    if not _is_extra_state(k) and not (weights_only and k.startswith("optimizer.")))
+    if unused:
+        raise CheckpointError(f"could not load checkpoint {step_dir}: it holds {len(unused)} tensor(s) this "
+                              f"model has no place for: {unused[:6]}{' ...' if len(unused) > 6 else ''}")
+    return sorted(request_only)
+
+
+def _requested_keys(request: dict) -> set:
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    return {v.key for v in nested_values(request) if hasattr(v, "key")}
+
+
+def _saved_keys(step_dir) -> set:
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+    return {v.key for v in load_sharded_metadata(str(step_dir)).values()}
+
+
 def load(step_dir, model, optimizer=None, model_shape: Optional[dict] = None, restore_rng: bool = True) -> dict:
     """Collective. Loads weights (and optimizer + RNG unless weights-only); returns the meta dict.
 
@@ -275,8 +364,17 @@ def load(step_dir, model, optimizer=None, model_shape: Optional[dict] = None, re
     request = {"model": model.sharded_state_dict()}
     if optimizer is not None:
         request["optimizer"] = _optimizer_sharded_state(model, optimizer)
+    from megatron.core.dist_checkpointing.validation import StrictHandling
     try:
-        loaded = dist_checkpointing.load(request, str(step_dir))
+        # tensors this load needs that the checkpoint lacks, refused by name before reading (megatron
+        # would drop them from the request and fail later, in a factory merge, without naming them)
+        _check_mismatch(step_dir, _requested_keys(request) - _saved_keys(step_dir), set(), optimizer is None)
+        # RETURN_ALL: keys requested but not saved are dropped from the request and returned
+        # (with the saved keys nobody requested), so they are judged below, not by a storage error
+        loaded, ckpt_only, request_only = dist_checkpointing.load(request, str(step_dir),
+                                                                  strict=StrictHandling.RETURN_ALL)
+    except CheckpointError:
+        raise
     except (Exception, CheckpointException) as e:  # say which checkpoint and why, in one line
         # (torch's CheckpointException derives from BaseException and carries per-rank failures)
         cause = next(iter(getattr(e, "failures", {}).values()), e)
@@ -284,7 +382,21 @@ def load(step_dir, model, optimizer=None, model_shape: Optional[dict] = None, re
         text = str(cause).strip()
         reason = type(cause).__name__ + (f": {text.splitlines()[0]}" if text else " (a file is truncated or corrupt)")
         raise CheckpointError(f"could not load checkpoint {step_dir}: {reason}") from e
-    model.load_state_dict(loaded["model"])
+    fresh = _check_mismatch(step_dir, set(request_only), set(ckpt_only), optimizer is None)
+    result = model.load_state_dict(loaded["model"], strict=False)
+    # a module's extra state the checkpoint lacks keeps its fresh value; nothing else may be absent
+    missing = [k for k in result.missing_keys if not _is_extra_state(k)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"could not load checkpoint {step_dir} into this model: missing {missing[:6]}, "
+                              f"unexpected {result.unexpected_keys[:6]}")
+    skipped = sorted(set(k for k in ckpt_only if _is_extra_state(k)))
+    if (fresh or skipped) and dist.get_rank() == 0:
+        print(f"checkpoint {step_dir.name}: Transformer Engine extra state (FP8 scaling metadata) "
+              + (f"absent from the checkpoint for {len(fresh)} module(s), starting fresh ({fresh[0]}"
+                 f"{' ...' if len(fresh) > 1 else ''})" if fresh else "")
+              + ("; " if fresh and skipped else "")
+              + (f"saved for {len(skipped)} module(s) this model does not have, not used ({skipped[0]}"
+                 f"{' ...' if len(skipped) > 1 else ''})" if skipped else ""), flush=True)
     if optimizer is not None:
         opt_sd = loaded["optimizer"]
         step = opt_sd.pop("common_step")
@@ -296,5 +408,7 @@ def load(step_dir, model, optimizer=None, model_shape: Optional[dict] = None, re
         same_layout = (meta.get("world_size") == dist.get_world_size()
                        and meta.get("tensor_model_parallel_size") == ps.get_tensor_model_parallel_world_size())
         if restore_rng and same_layout and rng_file.is_file():  # RNG states belong to a rank's role
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+            notes = _set_rng_state(torch.load(rng_file, weights_only=False))
+            if notes and dist.get_rank() == 0:
+                print(f"checkpoint {step_dir.name}: RNG restored except: " + "; ".join(notes), flush=True)
     return meta

@@ -144,6 +144,10 @@ class TrainConfig:
     clip_grad: float = 1.0
     # "bf16" (autocast, fp32 master weights and grads) or "fp32"; "auto": bf16 on CUDA, fp32 on CPU
     precision: str = "auto"
+    # deterministic kernels on CUDA (torch deterministic mode, cuBLAS workspace, no cuDNN attention,
+    # TE without non-deterministic algorithms): bit-exact repeats and resumes on the same GPU type
+    # and software; slower. CPU training is deterministic either way (docs/checkpointing.md)
+    deterministic: bool = False
     log_interval: int = 1
     # a step whose loss or gradient norm is not finite is skipped (counted as skipped_steps);
     # this many in a row abort the run (its checkpoints stay as they are)
@@ -161,6 +165,10 @@ class TrainConfig:
     # print the plan (parameters, memory per GPU, FLOPs, steps, time) for `nodes` x `gpus_per_node`
     # GPUs and exit without training; a layout that cannot fit is refused (exit 2). See docs/slurm.md
     dry_run: bool = False
+    # dense bf16 peak TFLOP/s per GPU, the MFU denominator of the trainer's metrics, the planner's
+    # time estimate and the benches; None = detected from the GPU's name (a table of exact names:
+    # nld_train.observability.PEAK_BF16_TFLOPS); unknown GPUs and MIG slices get no MFU
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -270,7 +278,7 @@ class PlanConfig:
     gpu_memory_gb: float = 80.0    # H100 SXM: 80 GB HBM3
     # memory the plan keeps free: CUDA context, NCCL buffers, allocator fragmentation
     reserve_gb: float = 8.0
-    peak_tflops: float = 989.0     # H100 SXM dense bf16
+    # the peak per GPU is train.peak_tflops (one key for trainer, planner and benches)
     # model FLOPs utilisation of the computation; the data-parallel communication that overlap does
     # not hide is added on top (nld_train/plan.py)
     mfu: float = 0.40
@@ -455,10 +463,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _fail("eval.interval", f"must be >= 0, got {cfg.eval.interval}")
     # eval.tasks/modes/...: checked by nld_train.eval.settings, which the layers put above config;
     # nld_train.cli.load_config calls it right after this function
-    for key, val in [("nodes", cfg.nodes), ("gpus_per_node", cfg.gpus_per_node),
-                     ("plan.gpu_memory_gb", cfg.plan.gpu_memory_gb), ("plan.peak_tflops", cfg.plan.peak_tflops),
-                     ("plan.intra_node_gb_per_s", cfg.plan.intra_node_gb_per_s),
-                     ("plan.inter_node_gb_per_s", cfg.plan.inter_node_gb_per_s)]:
+    positive = [("nodes", cfg.nodes), ("gpus_per_node", cfg.gpus_per_node), ("plan.gpu_memory_gb", cfg.plan.gpu_memory_gb),
+                ("plan.intra_node_gb_per_s", cfg.plan.intra_node_gb_per_s),
+                ("plan.inter_node_gb_per_s", cfg.plan.inter_node_gb_per_s)]
+    if t.peak_tflops is not None:
+        positive.append(("train.peak_tflops", t.peak_tflops))
+    for key, val in positive:
         if val <= 0:
             _fail(key, f"must be positive, got {val}")
     if not 0 < cfg.plan.mfu <= 1:
@@ -507,7 +517,7 @@ FREE_ON_RESUME = ("train.max_steps", "train.micro_batch_size", "train.log_interv
                   "train.decode_tokens", "train.decode_thresholds",
                   "train.max_consecutive_skipped_steps", "model.attention_backend", "data.cache_dir",
                   "parallel.", "checkpoint.", "run.", "wandb.", "eval.", "recipe", "pipeline",
-                  "train.dry_run", "nodes", "gpus_per_node", "plan.")
+                  "train.dry_run", "train.peak_tflops", "train.deterministic", "nodes", "gpus_per_node", "plan.")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

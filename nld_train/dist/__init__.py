@@ -36,12 +36,63 @@ class Capabilities:
         return "nccl" if self.cuda else "gloo"
 
 
+# the Transformer Engine versions megatron-core 0.16.1 is released against (its `dev` extra pins
+# transformer-engine>=2.9.0a0,<2.12.0; pyproject's [gpu] extra uses the same range)
+TE_SUPPORTED = ((2, 9), (2, 12))
+
+
+def te_version_note(version: str) -> "str | None":
+    """None if ``version`` is in TE_SUPPORTED, else a sentence saying what is known about it."""
+    try:
+        major_minor = tuple(int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return f"transformer-engine {version!r}: version not understood"
+    lo, hi = TE_SUPPORTED
+    if lo <= major_minor < hi:
+        return None
+    return (f"transformer-engine {version} is outside the range megatron-core 0.16.1 supports "
+            f"(>={lo[0]}.{lo[1]}, <{hi[0]}.{hi[1]}; docs/recipes.md §8): the TE layer spec may fail or differ")
+
+
 @functools.lru_cache(maxsize=None)
 def capabilities() -> Capabilities:
     cuda = torch.cuda.is_available()
     te = cuda and importlib.util.find_spec("transformer_engine") is not None
+    if te:
+        from importlib import metadata
+        try:
+            note = te_version_note(metadata.version("transformer-engine"))
+        except metadata.PackageNotFoundError:   # source builds may register no distribution
+            note = None
+        if note:
+            warnings.warn(note)
     apex = cuda and importlib.util.find_spec("apex") is not None
     return Capabilities(cuda=cuda, transformer_engine=te, apex=apex, device="cuda" if cuda else "cpu")
+
+
+def apply_determinism(enabled: bool) -> list:
+    """``train.deterministic``: make every kernel of a training step deterministic, or fail loudly.
+
+    Must run before the first CUDA matmul (cuBLAS reads its workspace setting once). CPU training
+    is deterministic already; on CUDA this turns on torch's deterministic mode, in which an
+    operation without a deterministic implementation raises instead of running (nothing silently
+    non-deterministic), and SDPA does not pick cuDNN attention (torch's backend selection skips it
+    in this mode); FlexAttention's default Triton backward is deterministic (its FLASH backend
+    refuses this mode below SM100 and is not used); cuDNN autotuning is off and Transformer Engine
+    is told not to use non-deterministic algorithms. Returns what was set, for the log.
+    """
+    if not enabled:
+        return []
+    workspace = os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if workspace not in (":4096:8", ":16:8"):
+        raise ValueError(f"train.deterministic: CUBLAS_WORKSPACE_CONFIG={workspace!r} does not make cuBLAS "
+                         "deterministic; unset it or use :4096:8 (or :16:8)")
+    os.environ["NVTE_ALLOW_NONDETERMINISTIC_ALGO"] = "0"
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    return ["torch.use_deterministic_algorithms(True)", f"CUBLAS_WORKSPACE_CONFIG={workspace}",
+            "cudnn.deterministic", "NVTE_ALLOW_NONDETERMINISTIC_ALGO=0"]
 
 
 _PATCHED = False

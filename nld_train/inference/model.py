@@ -258,8 +258,20 @@ class NLDModel(nn.Module):
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # fp32 frequencies, as in megatron; angles are formed in fp32 and cast per forward
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_params()),
-                             persistent=False)
+        self.register_buffer("inv_freq", self._fp32_inv_freq(), persistent=False)
+
+    def _fp32_inv_freq(self, device=None) -> torch.Tensor:
+        c = self.config
+        return rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling_params()).to(device)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .bfloat16() / .half() cast floating buffers too. A bf16 inv_freq is off by up
+        # to 2^-9 relative, i.e. ~4 rad at position 2000 for the highest frequency: decoding long
+        # prompts in bf16 gave wrong tokens. Whatever the module dtype, the frequencies stay the
+        # fp32 values computed from the config (recomputed, not cast back: the bf16 copy is lossy).
+        super()._apply(fn, recurse)
+        self.inv_freq = self._fp32_inv_freq(self.inv_freq.device)
+        return self
 
     @property
     def device(self):
@@ -292,7 +304,7 @@ class NLDModel(nn.Module):
             cache.reserve(cache.slots + s)
         x = self.model.embed_tokens(input_ids)
         # angles in fp32 (positions up to ~1e6 need it), then cos/sin in the compute dtype
-        ang = position_ids.to(self.inv_freq.dtype)[..., None] * self.inv_freq
+        ang = position_ids.to(torch.float32)[..., None] * self.inv_freq.float()
         ang = torch.cat([ang, ang], -1)[:, None]                       # [b, 1, s, d]
         cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
         qscale = None

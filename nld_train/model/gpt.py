@@ -64,6 +64,18 @@ class NLDGPTModel(GPTModel):
             self.rotary_pos_emb.inv_freq.device)
         self._mask_cache = {}
 
+    def _apply(self, fn, recurse=True):
+        # megatron keeps inv_freq as a plain attribute (not a buffer): module moves skip it, and its
+        # own get_emb only moves it lazily from the CPU to the current CUDA device. Make it follow
+        # every move of the parameters (back to the CPU, to meta) at once, as fp32 values whatever
+        # dtype the cast asks for, so the angles below never mix devices or precisions.
+        super()._apply(fn, recurse)
+        if hasattr(self, "nld"):
+            head_dim = self.config.kv_channels
+            dev = fn(self.rotary_pos_emb.inv_freq).device
+            self.rotary_pos_emb.inv_freq = rope_inv_freq(head_dim, self.nld.rope_theta, self.nld.rope_scaling).to(dev)
+        return self
+
     # -- inputs -----------------------------------------------------------------------------
     def attention_inputs(self, kind: str, seq_len: int, block_size: int, device) -> AttentionInputs:
         """Cached masks for one layout (L = ``seq_len``); built from the shared mask predicate."""
@@ -91,8 +103,9 @@ class NLDGPTModel(GPTModel):
     def _preprocess(self, input_ids, position_ids, *args, **kwargs):
         # megatron's "rope" uses arange(S); rebuild the angles from position_ids [B, S]
         out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
-        inv = self.rotary_pos_emb.inv_freq
-        freqs = position_ids.to(inv.dtype)[..., None] * inv          # [B, S, D/2]
+        # angles in fp32 whatever the parameters' dtype (see _apply)
+        inv = self.rotary_pos_emb.inv_freq.float()
+        freqs = position_ids.float()[..., None] * inv                # [B, S, D/2]
         emb = torch.cat([freqs, freqs], -1).transpose(0, 1)[:, :, None, :]  # [S, B, 1, D]
         return (out[0], emb.contiguous()) + tuple(out[2:])
 

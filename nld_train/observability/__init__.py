@@ -83,15 +83,67 @@ def train_flops_per_token(m, seq_len: int, objective, tp: int = 1) -> float:
     return 6 * (copies * linear + m.num_layers * 2 * q * keys)          # attention: QK^T and AV
 
 
+# Dense (no sparsity) bf16 tensor-core peak, TFLOP/s per GPU, from NVIDIA's datasheets, keyed by
+# the exact name torch.cuda.get_device_name() reports. Exact names only: "H100" alone would match
+# the PCIe (756) and NVL (835) parts and MIG slices, whose peaks are far below the SXM's 989.
+PEAK_BF16_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": 989.4,     # H100 SXM5
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA H100 NVL": 835.0,
+    "NVIDIA H200": 989.4,               # H200 SXM
+    "NVIDIA H200 NVL": 835.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA A100-PCIE-80GB": 312.0,     # older drivers' name of the 80 GB PCIe card
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA B200": 2250.0,
+    "NVIDIA GB200": 2500.0,             # the Blackwell GPU of a GB200 superchip
+}
+
+
+def peak_tflops_for(device_name: str) -> tuple[Optional[float], str]:
+    """(dense bf16 peak TFLOP/s, why) for a CUDA device name; (None, reason) when unknown.
+
+    A MIG slice ("NVIDIA H100 80GB HBM3 MIG 1g.10gb") gets no peak: its share of the GPU's tensor
+    cores depends on the profile and is not what the datasheet states.
+    """
+    name = " ".join(device_name.split())
+    if " MIG " in f" {name} ":
+        return None, f"{device_name!r} is a MIG slice (no datasheet peak)"
+    for known, tflops in PEAK_BF16_TFLOPS.items():
+        if name.lower() == known.lower():
+            return tflops, f"{known} datasheet dense bf16 peak"
+    return None, f"{device_name!r} is not in the peak table (nld_train.observability.PEAK_BF16_TFLOPS)"
+
+
 def gpu_peak_flops() -> Optional[float]:
+    """Dense bf16 peak FLOP/s of the current CUDA device; None without CUDA or for an unknown GPU."""
+    return detect_peak_flops()[0]
+
+
+def detect_peak_flops() -> tuple[Optional[float], str]:
     import torch
     if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12)):
-        if key in name:
-            return flops
-    return None
+        return None, "no CUDA device"
+    tflops, why = peak_tflops_for(torch.cuda.get_device_name())
+    return (tflops * 1e12 if tflops else None), why
+
+
+def resolve_peak_flops(peak_tflops: Optional[float], bf16: bool = True) -> tuple[Optional[float], str]:
+    """The MFU denominator per GPU in FLOP/s, and where it comes from, for ``train.peak_tflops``.
+
+    A configured value is used as given (the user states the peak of the hardware and precision
+    they run). ``None`` = detected: the datasheet bf16 peak of a known GPU, and only for bf16 runs
+    (an fp32 run measured against the bf16 peak would report a meaningless MFU). Unknown -> None:
+    no MFU is printed rather than a wrong one.
+    """
+    if peak_tflops is not None:
+        return peak_tflops * 1e12, "train.peak_tflops"
+    if not bf16:
+        return None, "not a bf16 run (set train.peak_tflops to measure against another peak)"
+    flops, why = detect_peak_flops()
+    return flops, why + ("" if flops else "; set train.peak_tflops for MFU")
 
 
 def provenance(layout, caps) -> dict:

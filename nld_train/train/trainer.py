@@ -35,11 +35,18 @@ from nld_train.data import (
     get_samples,
     load_tokenizer,
 )
-from nld_train.dist import capabilities, init_distributed, on_rank0
+from nld_train.dist import apply_determinism, capabilities, init_distributed, on_rank0
 from nld_train.errors import DataError
 from nld_train.model.gpt import build_model
 from nld_train.objective import objective_from_config
-from nld_train.observability import MetricsLog, Wandb, gpu_peak_flops, progress_line, provenance, train_flops_per_token
+from nld_train.observability import (
+    MetricsLog,
+    Wandb,
+    progress_line,
+    provenance,
+    resolve_peak_flops,
+    train_flops_per_token,
+)
 from nld_train.train.optim import build_optimizer, grad_norm_and_clip
 from nld_train.train.preemption import EXIT_PREEMPTED, Preempted, Preemption
 from nld_train.train.schedule import lr_at
@@ -53,6 +60,8 @@ class Trainer:
             raise ConfigError(f"eval.interval={cfg.eval.interval} needs an eval hook: pass "
                               "Trainer(cfg, eval_hook=nld_train.eval.hook.eval_during_training) as nld-train does")
         self.cfg, t = cfg, cfg.train
+        # before anything touches cuBLAS (it reads its workspace setting once)
+        self.determinism = apply_determinism(t.deterministic)
         self.eval_hook = eval_hook
         self.layout = init_distributed(cfg.parallel.tensor_model_parallel_size, cfg.parallel.backend,
                                        cfg.parallel.timeout_minutes, seed=t.seed)
@@ -137,7 +146,8 @@ class Trainer:
             self.async_queue = AsyncCallsQueue(persistent=False)  # persistent workers need CUDA
         self.preemption = Preemption()
         self.flops_per_token = train_flops_per_token(cfg.model, t.seq_length, self.objective, self.layout.tp)
-        self.peak_flops = gpu_peak_flops() if self.precision == "bf16" else None  # MFU vs the bf16 peak
+        # MFU denominator: train.peak_tflops, else the detected bf16 peak; none rather than a wrong one
+        self.peak_flops, self.peak_source = resolve_peak_flops(t.peak_tflops, self.precision == "bf16")
 
     def _check_config_change(self, meta: dict, path) -> None:
         """Resuming with other math (model, objective, data, seed, batch, optimizer, schedule) is
@@ -285,6 +295,8 @@ class Trainer:
                   f"{self.step}->{t.max_steps} world={self.layout.world_size} (tp={self.layout.tp}, "
                   f"dp={self.layout.dp}{', optimizer state sharded over dp' if self.cfg.parallel.distributed_optimizer else ''}) device={self.caps.device} te={self.caps.transformer_engine} "
                   f"apex={self.caps.apex} precision={self.precision} "
+                  f"deterministic={'on (' + ', '.join(self.determinism) + ')' if self.determinism else 'off'} "
+                  f"mfu={'vs %.0f TFLOP/s/GPU (%s)' % (self.peak_flops / 1e12, self.peak_source) if self.peak_flops else 'off: ' + self.peak_source} "
                   f"run_dir={self.run_dir}")
         while self.step < t.max_steps:
             t0 = time.time()

@@ -11,7 +11,9 @@ tokens/s, achieved TFLOP/s and MFU, peak memory (CUDA), and the joint / AR step-
 FLOPs use ``nld_train.observability.train_flops_per_token`` (the trainer's progress line uses the
 same formula): "AR-equiv" counts the work of an AR step over the same data tokens, "executed" the
 model FLOPs of the step actually run (for joint: 2L tokens, attention over the keys the mask
-allows). MFU needs a peak: known CUDA GPUs (bf16), or ``--peak-tflops``. Extra ``key=value`` arguments are nld-train overrides (e.g. model.num_layers=16).
+allows). MFU needs a peak: the trainer's (``train.peak_tflops``, default: the bf16 peak of a known
+GPU, none on CPU or an unknown GPU). Extra ``key=value`` arguments are nld-train overrides
+(e.g. model.num_layers=16 train.peak_tflops=989).
 """
 from __future__ import annotations
 
@@ -40,8 +42,6 @@ def parse_args(argv=None):
                    help="train.precision (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps per kind, not timed (2)")
     p.add_argument("--repeats", type=C.positive_int, default=5, help="timed steps per kind; median (5)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak TFLOP/s for MFU (default: the bf16 peak of a known GPU; none on CPU)")
     p.add_argument("--threads", type=C.positive_int, default=None, help="torch CPU threads (default: torch's)")
     return C.parse_trainer_bench_args(p, argv)
 
@@ -53,7 +53,7 @@ def bench_length(args, L: int, tmp: str) -> dict:
     from nld_train.data import load_tokenizer
     from nld_train.model.attention import select_backend
     from nld_train.objective import objective_class
-    from nld_train.observability import gpu_peak_flops, train_flops_per_token
+    from nld_train.observability import train_flops_per_token
     from nld_train.train.trainer import Trainer
 
     gb = args.global_batch_size or args.micro_batch_size
@@ -86,8 +86,7 @@ def bench_length(args, L: int, tmp: str) -> dict:
                     if device == "cuda":
                         peak_mem[kind] = max(peak_mem[kind], torch.cuda.max_memory_allocated())
         tokens = gb * L  # data tokens per step (the noisy copy is not counted)
-        peak = args.peak_tflops * 1e12 if args.peak_tflops else (
-            gpu_peak_flops() if tr.precision == "bf16" else None)
+        peak = tr.peak_flops  # train.peak_tflops or the detected one, exactly as the trainer's MFU
         world = tr.layout.world_size
         # exactly the trainer's MFU numerator (Trainer.flops_per_token), per kind
         f_ar = train_flops_per_token(cfg.model, L, objectives["ar"], tr.layout.tp)

@@ -141,7 +141,6 @@ def test_nld_generate_takes_the_toy_mode(toy_run, capsys):
 def test_nld_eval_and_report_take_the_toy_mode(toy_run, tmp_path, capsys, monkeypatch):
     import matplotlib.axes
 
-    from nld_train.config import EvalConfig, validate
     from nld_train.eval.cli import main
     _, _, run = toy_run
     labels = []
@@ -166,14 +165,14 @@ def test_nld_eval_and_report_take_the_toy_mode(toy_run, tmp_path, capsys, monkey
     # the training config's eval.* accepts it too, and still refuses a mode nobody registered
     cfg = load_config([*SMALL, "eval.modes=[toy]"])
     assert cfg.eval.modes == ["toy"]
-    cfg.eval = EvalConfig(modes=["toy2"])
     with pytest.raises(ConfigError, match="eval.modes: unknown mode 'toy2'"):
-        validate(cfg)
+        load_config([*SMALL, "eval.modes=[toy2]"])
 
 
 def test_hf_wrapper_takes_the_toy_mode(toy_run):
     from nld_train.inference import load_model
-    from nld_train.inference.hf_wrapper import NLDHFConfig, NLDHFForCausalLM, hf_config_dict
+    from nld_train.inference.hf_format import hf_config_dict
+    from nld_train.inference.hf_wrapper import NLDHFConfig, NLDHFForCausalLM
     _, _, run = toy_run
     dec = load_model(run)
     hf = NLDHFForCausalLM(NLDHFConfig(**hf_config_dict(dec.config, "llama")))

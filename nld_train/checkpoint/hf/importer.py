@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from nld_train.atomic import atomic_dir
 from nld_train.checkpoint.hf.mapping import from_layout
 from nld_train.errors import CheckpointError, ConfigError, DataError, InputError
 
@@ -168,20 +167,8 @@ def model_config_from_nld(cfg, name: str):
 
 def save_weights_only(run_dir: Path, model, meta: dict) -> Path:
     """Collective. A step-0 dist checkpoint with the model only (no optimizer), committed like the trainer's."""
-    from megatron.core import dist_checkpointing
-
-    import torch.distributed as dist
-
     from nld_train import checkpoint as ckpt
-    tmp = ckpt._tmp_dir(run_dir, 0)
-    if dist.get_rank() == 0:
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp))
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(ckpt._rng_state(), tmp / "rng" / f"rank_{dist.get_rank():05d}.pt")
-    ckpt._commit(run_dir, 0, meta, keep_last=1, keep_every=0)
-    return ckpt.checkpoints_dir(run_dir) / ckpt.step_dir_name(0)
+    return ckpt.save(run_dir, 0, model, None, meta, keep_last=1)
 
 
 def from_hf(hf_dir, out_dir, tp: int = 1, mask_token_id: Optional[int] = None, add_mask_token: bool = False) -> Path:
@@ -208,11 +195,8 @@ def from_hf(hf_dir, out_dir, tp: int = 1, mask_token_id: Optional[int] = None, a
                   tokenizer=TokenizerConfig(path=str((out_dir / "tokenizer").resolve()) if tok is not None else None))
     padded = padded_vocab_size(mcfg, tp)
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    # out_dir is absent or empty (checked above): publish by one rename, never over files that appeared meanwhile
+    with atomic_dir(out_dir, replace=False) as tmp:
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
         if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
@@ -248,12 +232,6 @@ def from_hf(hf_dir, out_dir, tp: int = 1, mask_token_id: Optional[int] = None, a
         (tmp / "model.yaml").write_text(
             "# the model group of this checkpoint: copy to recipes/model/<name>.yaml and pass model=<name>\n"
             + OmegaConf.to_yaml(OmegaConf.structured(mcfg)))
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     step = out_dir / step.relative_to(tmp)
     print(f"converted {hf_dir} ({info['model_type']}, layout {info['layout']}) -> {step}; mask token id "
           f"{cfg.mask_token_id}, vocab {cfg.vocab_size} (padded {padded} for TP={tp})")

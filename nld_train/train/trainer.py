@@ -84,20 +84,8 @@ class Trainer:
         self.objective = build_objective(o.name, **kw)
         self.precision = ("bf16" if self.caps.cuda else "fp32") if t.precision == "auto" else t.precision
 
-        # a fresh run's state; a checkpoint in run.dir replaces it (resume, full state), otherwise
-        # checkpoint.init_from gives the weights only
-        self.step, self.schedule_steps = 0, t.lr_schedule_steps or t.max_steps
-        self.train_samples = max(t.max_steps, self.schedule_steps) * t.global_batch_size
-        self.skipped_steps = self.consecutive_skips = 0
-        latest = ckpt.find_latest(self.run_dir)
-        if latest is not None:
-            self._check_config_change(ckpt.read_meta(latest), latest)
-            self.load_state_dict(ckpt.load(latest, self.model, self.optimizer, model_shape=self._model_shape()))
-            self._log(f"resumed from {latest} at step {self.step}")
-        elif cfg.checkpoint.init_from:
-            src = ckpt.resolve(cfg.checkpoint.init_from)
-            ckpt.load(src, self.model, None, model_shape=self._model_shape())
-            self._log(f"initialised weights from {src}")
+        # resume (full state) or init_from (weights only), before the datasets: they need train_samples
+        resumed = self._restore()
 
         n_valid = t.eval_iters * t.global_batch_size if t.eval_interval > 0 else 0
         self.train_ds, self.valid_ds = build_datasets(
@@ -118,9 +106,28 @@ class Trainer:
         # last, as it installs the preemption signal handlers; a resumed step is never saved again
         self.checkpointer = CheckpointManager(self.run_dir, cfg.checkpoint, self.model, self.optimizer,
                                               self.state_dict, self.device,
-                                              saved_step=self.step if latest is not None else None, log=self._log)
+                                              saved_step=self.step if resumed else None, log=self._log)
 
     # -- the state a checkpoint carries besides weights, optimizer and RNG ------------------------
+    def _restore(self) -> bool:
+        """A fresh run's progress, then: resume from the newest checkpoint in run.dir (weights,
+        optimizer, RNG, progress), or else the weights of checkpoint.init_from. True if resumed."""
+        t = self.cfg.train
+        self.step, self.schedule_steps = 0, t.lr_schedule_steps or t.max_steps
+        self.train_samples = max(t.max_steps, self.schedule_steps) * t.global_batch_size
+        self.skipped_steps = self.consecutive_skips = 0
+        latest = ckpt.find_latest(self.run_dir)
+        if latest is not None:
+            self._check_config_change(ckpt.read_meta(latest), latest)
+            self.load_state_dict(ckpt.load(latest, self.model, self.optimizer, model_shape=self._model_shape()))
+            self._log(f"resumed from {latest} at step {self.step}")
+            return True
+        if self.cfg.checkpoint.init_from:
+            src = ckpt.resolve(self.cfg.checkpoint.init_from)
+            ckpt.load(src, self.model, None, model_shape=self._model_shape())
+            self._log(f"initialised weights from {src}")
+        return False
+
     def state_dict(self) -> dict:
         """The run's progress and what describes it, as JSON: the meta dict of ``checkpoint.save``
         (its commit marker ``nld_checkpoint.json``, docs/checkpointing.md). Weights, AdamW state and

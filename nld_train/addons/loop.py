@@ -27,7 +27,6 @@ from typing import Callable, List, Tuple
 import torch
 
 from nld_train import atomic
-from nld_train.atomic import atomic_dir
 from nld_train.checkpoint import MARKER, step_dir_name
 from nld_train.config import math_changes
 from nld_train.errors import CheckpointError, ConfigError
@@ -53,7 +52,7 @@ def save_checkpoint(run_dir, step: int, state: dict, meta: dict, keep_last: int)
     root = Path(run_dir) / "checkpoints"
     name = step_dir_name(step)
     final = root / name
-    with atomic_dir(final) as tmp:
+    with atomic.atomic_dir(final) as tmp:
         torch.save(state, tmp / STATE)
         with open(tmp / MARKER, "w") as f:
             f.write(json.dumps({**meta, "step": step}, indent=1))
@@ -78,7 +77,7 @@ def install_artifact(cfg, artifact: Path, log=print) -> Path | None:
     from nld_train.inference.loading import resolve_checkpoint
     base_run = resolve_checkpoint(cfg.addon.base_model).parent.parent
     dst = base_run / artifact.name
-    with atomic_dir(dst) as tmp:
+    with atomic.atomic_dir(dst) as tmp:
         shutil.copytree(artifact, tmp, dirs_exist_ok=True)
     log(f"installed {artifact} next to the model: {dst}")
     return dst

@@ -1,7 +1,7 @@
 """Folders that appear complete or not at all: write beside the target, then rename into place.
 
-Every folder nld-train publishes (checkpoints, HF exports and imports, adapters, samplers, add-on
-data) goes through :func:`atomic_dir`::
+The folders nld-train publishes (checkpoints, HF exports and imports, add-on checkpoints, data and
+installed artifacts) go through :func:`atomic_dir`::
 
     with atomic_dir(out) as tmp:      # tmp.<name>, empty, next to out (same filesystem)
         write(tmp / "model.safetensors")
@@ -15,6 +15,8 @@ background checkpoint save) call the two halves, :func:`begin` and :func:`publis
 
 One writer per target at a time: the temporary name is fixed, so that a leftover of a crashed
 attempt is found (and removed) by the next one. Standard library only: every layer imports it.
+(The LoRA adapter and the learned sampler are saved by modules the HF export ships as remote code,
+which imports nothing but torch and transformers; they keep their own copy of the sequence.)
 """
 from __future__ import annotations
 

@@ -136,23 +136,23 @@ def test_cpu_saved_rng_state_resumes_on_cuda(dist1):
 
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-    from nld_train.checkpoint import _rng_state, _set_rng_state
+    from nld_train.checkpoint import rng_state, set_rng_state
     tracker = get_cuda_rng_tracker()
     before = dict(tracker.get_states())
     cpu_saved = {"torch": torch.Generator().manual_seed(5).get_state(), "numpy": np.random.RandomState(5).get_state(),
                  "python": random.Random(5).getstate(),
                  "tracker": {name: torch.Generator().manual_seed(9).get_state() for name in before}}
     try:
-        notes = _set_rng_state(pickle.loads(pickle.dumps(cpu_saved)))
+        notes = set_rng_state(pickle.loads(pickle.dumps(cpu_saved)))
         assert any("another device kind" in n for n in notes) and any("no CUDA RNG state" in n for n in notes)
         with tracker.fork():                    # sequence parallelism / TP regions fork this
             torch.rand(4, device="cuda")
         # a CUDA-saved state round-trips exactly
-        saved = _rng_state()
+        saved = rng_state()
         a = torch.rand(4, device="cuda")
         with tracker.fork():
             b = torch.rand(4, device="cuda")
-        assert _set_rng_state(saved) == []
+        assert set_rng_state(saved) == []
         assert torch.equal(torch.rand(4, device="cuda"), a)
         with tracker.fork():
             assert torch.equal(torch.rand(4, device="cuda"), b)

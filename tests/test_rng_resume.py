@@ -69,12 +69,12 @@ def test_gpu_checkpoint_resumed_on_cpu_tracker_still_forks(dist1):
     the live (CPU) tracker; fork() must still work and the CPU generators are restored."""
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-    from nld_train.checkpoint import _set_rng_state
+    from nld_train.checkpoint import set_rng_state
     tracker = get_cuda_rng_tracker()
     before = {k: v.clone() for k, v in tracker.get_states().items()}
     st = saved("cuda", seed=11)
     try:
-        notes = _set_rng_state(st)
+        notes = set_rng_state(st)
         assert torch.equal(torch.get_rng_state(), st["torch"])
         assert any("CUDA RNG state of the checkpoint not used" in n for n in notes)
         with tracker.fork():                               # raised in torch.set_rng_state before

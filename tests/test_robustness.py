@@ -137,7 +137,7 @@ def preempt(run_dir, tmp_path, sig, name):
 
 
 def check_preempted_checkpoint(run_dir, rc, out, sig):
-    from nld_train.train.preemption import EXIT_PREEMPTED
+    from nld_train.checkpoint.preemption import EXIT_PREEMPTED
     assert rc == EXIT_PREEMPTED, f"{sig.name}: exit code {rc}, expected {EXIT_PREEMPTED}:\n{out}"
     rows = metrics(run_dir)
     step = rows[-1]["step"]
@@ -180,7 +180,7 @@ def test_sigterm_saves_at_step_boundary_exits_75_and_resumes_exactly(dist1, tmp_
 def test_srun_signals_save_at_step_boundary_in_process(dist1, tmp_path, monkeypatch, capsys, sig):
     """What `srun --signal` delivers: the same save-and-exit-75 path, in this process (the CLI exit
     code itself is checked with SIGTERM above)."""
-    from nld_train.train.preemption import Preempted
+    from nld_train.checkpoint.preemption import Preempted
     previous = signal.getsignal(sig)
     tr = make_trainer(tmp_path, "train.max_steps=50", "checkpoint.interval=0")
     orig = tr.train_step

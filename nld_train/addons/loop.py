@@ -26,6 +26,7 @@ from typing import Callable, List, Tuple
 
 import torch
 
+from nld_train import atomic
 from nld_train.checkpoint import MARKER, step_dir_name
 from nld_train.config import math_changes
 from nld_train.errors import CheckpointError, ConfigError
@@ -50,27 +51,21 @@ def latest_step_dir(run_dir) -> Path | None:
 
 def save_checkpoint(run_dir, step: int, state: dict, meta: dict, keep_last: int) -> Path:
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     name = step_dir_name(step)
-    tmp, final = root / f"tmp.{name}", root / name
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    torch.save(state, tmp / STATE)
-    with open(tmp / MARKER, "w") as f:
-        f.write(json.dumps({**meta, "step": step}, indent=1))
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():
-        os.replace(final, root / f"trash.{name}")
-    os.replace(tmp, final)
+    final = root / name
+    with atomic.atomic_dir(final) as tmp:
+        torch.save(state, tmp / STATE)
+        with open(tmp / MARKER, "w") as f:
+            f.write(json.dumps({**meta, "step": step}, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
     (root / "latest.tmp").write_text(name + "\n")
     os.replace(root / "latest.tmp", root / "latest")
     steps = sorted(p.name for p in root.iterdir() if p.name.startswith("step_") and (p / MARKER).is_file())
     for old in steps[:-keep_last]:
-        os.replace(root / old, root / f"trash.{old}")
-    for p in root.iterdir():
-        if p.name.startswith("trash."):
+        atomic.remove(root / old, ignore_errors=True)
+    for p in root.iterdir():  # what an earlier kill during a delete left
+        if p.name.startswith(atomic.TRASH_PREFIX):
             shutil.rmtree(p, ignore_errors=True)
     return final
 
@@ -82,14 +77,8 @@ def install_artifact(cfg, artifact: Path, log=print) -> Path | None:
         return None
     base_run = resolve_checkpoint(cfg.addon.base_model).parent.parent
     dst = base_run / artifact.name
-    tmp = base_run / f"tmp.{artifact.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(artifact, tmp)
-    if dst.exists():
-        os.replace(dst, base_run / f"trash.{artifact.name}")
-        shutil.rmtree(base_run / f"trash.{artifact.name}")
-    os.replace(tmp, dst)
+    with atomic.atomic_dir(dst) as tmp:
+        shutil.copytree(artifact, tmp, dirs_exist_ok=True)
     log(f"installed {artifact} next to the model: {dst}")
     return dst
 

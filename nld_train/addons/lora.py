@@ -17,15 +17,15 @@ linear self-speculation: 1 + the correct prefix of its drafts).
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from nld_train import atomic
 from nld_train.addons.loop import fit, install_artifact
-from nld_train.addons.text import fresh_tmp_dir, token_windows
+from nld_train.addons.text import token_windows
 from nld_train.errors import DataError
 from nld_train.inference import load_model
 from nld_train.inference import masks as M
@@ -94,7 +94,7 @@ def generate_responses(cfg, model, data_dir, log=print) -> Path:
 
     lo, a = cfg.lora, cfg.addon
     out = Path(data_dir)
-    tmp = fresh_tmp_dir(out)
+    tmp = atomic.begin(out)  # a leftover of an interrupted run is removed
     t0 = time.time()
     prompts = token_windows(cfg.data.path, lo.num_sequences, lo.prompt_length, cfg.train.seed + 17,
                             a.holdout_fraction, holdout=False)
@@ -108,7 +108,7 @@ def generate_responses(cfg, model, data_dir, log=print) -> Path:
                                                "config": _signature(cfg)}, indent=1))
     if out.exists():
         raise DataError(f"{out} appeared while generating LoRA data; not overwriting it")
-    os.replace(tmp, out)
+    atomic.publish(tmp, out, replace=False)
     log(f"lora data: {len(seqs)} self-generated responses -> {out} ({time.time() - t0:.1f} s)")
     return out
 

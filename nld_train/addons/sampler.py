@@ -23,7 +23,6 @@ precision of the positions scored >= 0.9 are reported at the end and stored in `
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -31,8 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nld_train import atomic
 from nld_train.addons.loop import fit, install_artifact
-from nld_train.addons.text import fresh_tmp_dir, token_windows
+from nld_train.addons.text import token_windows
 from nld_train.errors import DataError
 from nld_train.inference import load_model
 from nld_train.inference.policies import top1_mask
@@ -121,7 +121,7 @@ def generate_sampler_data(cfg, model, data_dir, log=print) -> Path:
 
     s, a = cfg.sampler, cfg.addon
     out = Path(data_dir)
-    tmp = fresh_tmp_dir(out)
+    tmp = atomic.begin(out)  # a leftover of an interrupted run is removed
     t0 = time.time()
     windows = token_windows(cfg.data.path, s.num_sequences, s.prompt_length + s.num_blocks * s.block_length,
                             cfg.train.seed, a.holdout_fraction, holdout=False)
@@ -149,7 +149,7 @@ def generate_sampler_data(cfg, model, data_dir, log=print) -> Path:
     (tmp / "info.json").write_text(json.dumps(info, indent=1))
     if out.exists():
         raise DataError(f"{out} appeared while generating sampler data; not overwriting it")
-    os.replace(tmp, out)
+    atomic.publish(tmp, out, replace=False)
     log(f"sampler data: {n_examples} denoise passes from {len(windows)} windows -> {out} ({time.time() - t0:.1f} s)")
     return out
 

@@ -6,9 +6,6 @@ measured prompts are text the add-ons never saw.
 """
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -39,13 +36,3 @@ def token_windows(data_path, n: int, length: int, seed: int, holdout_fraction: f
     which = rng.choice(len(docs), size=n, p=sizes / sizes.sum())
     out = np.stack([docs[w][(o := rng.integers(0, len(docs[w]) - length + 1)): o + length] for w in which])
     return torch.from_numpy(out.astype(np.int64))
-
-
-def fresh_tmp_dir(out: Path) -> Path:
-    """An empty ``tmp.<name>`` beside ``out`` (a leftover of an interrupted run is removed); the
-    caller fills it and renames it to ``out`` when complete."""
-    tmp = out.with_name(f"tmp.{out.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+from nld_train import atomic
+
 MARKER = "nld_checkpoint.json"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 
@@ -205,7 +207,7 @@ def restorable_rng_state(state: dict, current_tracker: dict, cuda: bool) -> tupl
     return tracker, cuda_state, notes
 
 
-def _set_rng_state(state: dict) -> list:
+def set_rng_state(state: dict) -> list:
     """Restore what applies on this machine (see ``restorable_rng_state``); returns the notes."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
@@ -226,31 +228,27 @@ def _broadcast(obj):
 
 
 # -- save / load ----------------------------------------------------------------------------------
-def _tmp_dir(run_dir, step: int) -> Path:
-    return checkpoints_dir(run_dir) / f"tmp.{step_dir_name(step)}"
-
-
 def save(run_dir, step: int, model, optimizer, meta: dict, keep_last: int, keep_every: int = 0,
          async_queue=None) -> Path:
     """Collective: every rank calls it. Writes ``tmp.step_N`` and commits it to ``step_N``.
 
-    With ``async_queue`` (megatron ``AsyncCallsQueue``) the tensors are written in the background
-    and the commit runs, on all ranks, when the queue finalizes the request at a later step
-    boundary; until then ``latest`` still names the previous checkpoint.
+    ``optimizer=None`` saves the weights only (``nld-convert from-hf``). With ``async_queue``
+    (megatron ``AsyncCallsQueue``) the tensors are written in the background and the commit runs,
+    on all ranks, when the queue finalizes the request at a later step boundary; until then
+    ``latest`` still names the previous checkpoint.
     """
     from megatron.core import dist_checkpointing
 
     install_checkpoint_writer_hooks()  # its helper processes die with this one (a kill -9 mid-save)
     rank = dist.get_rank()
-    root, tmp = checkpoints_dir(run_dir), _tmp_dir(run_dir, step)
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # a save of this step that died half-way: garbage by construction
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+    final = checkpoints_dir(run_dir) / step_dir_name(step)
+    tmp = atomic.tmp_path(final)
+    if rank == 0:  # a save of this step that died half-way is garbage by construction: begin removes it
+        atomic.begin(final)
     dist.barrier()
-    sharded = {"model": model.sharded_state_dict(), "optimizer": _optimizer_sharded_state(model, optimizer)}
-    final = root / step_dir_name(step)
+    sharded = {"model": model.sharded_state_dict()}
+    if optimizer is not None:
+        sharded["optimizer"] = _optimizer_sharded_state(model, optimizer)
 
     def commit():
         _commit(run_dir, step, meta, keep_last, keep_every)
@@ -274,7 +272,8 @@ def save(run_dir, step: int, model, optimizer, meta: dict, keep_last: int, keep_
 def _commit(run_dir, step: int, meta: dict, keep_last: int, keep_every: int) -> None:
     """Collective. Verify the temporary folder, mark it complete, publish it, prune old ones."""
     dist.barrier()
-    root, tmp, final = checkpoints_dir(run_dir), _tmp_dir(run_dir, step), checkpoints_dir(run_dir) / step_dir_name(step)
+    root, final = checkpoints_dir(run_dir), checkpoints_dir(run_dir) / step_dir_name(step)
+    tmp = atomic.tmp_path(final)
     if dist.get_rank() == 0:
         world = dist.get_world_size()
         missing = [r for r in range(world) if not (tmp / "rng" / f"rank_{r:05d}.pt").is_file()]
@@ -284,19 +283,17 @@ def _commit(run_dir, step: int, meta: dict, keep_last: int, keep_every: int) -> 
             f.write(json.dumps({**meta, "step": step, "world_size": world}, indent=1))
             f.flush()
             os.fsync(f.fileno())
-        if final.exists():  # re-saving a step: move the old one aside first (renames are atomic)
-            os.replace(final, root / f"trash.{final.name}")
-        os.replace(tmp, final)
+        atomic.publish(tmp, final)  # re-saving a step: the old one is moved aside, then deleted
         latest_tmp = root / "latest.tmp"
         latest_tmp.write_text(step_dir_name(step) + "\n")
         os.replace(latest_tmp, root / "latest")
         for old in complete_steps(run_dir)[:-keep_last]:
             if not (keep_every and old % keep_every == 0):
-                # rename, then delete: a kill mid-delete leaves a trash.* folder, never a step_*
+                # renamed to trash.* before the delete: a kill mid-delete never leaves a step_*
                 # folder that still looks complete but lacks shards
-                os.replace(root / step_dir_name(old), root / f"trash.{step_dir_name(old)}")
-        for p in root.iterdir():  # trash, and temporary folders of saves that died (one save at a time)
-            if p.name.startswith("trash.") or (p.name.startswith("tmp.") and p.is_dir()):
+                atomic.remove(root / step_dir_name(old), ignore_errors=True)
+        for p in root.iterdir():  # what such kills left, and temporary folders of saves that died (one save at a time)
+            if p.name.startswith(atomic.TRASH_PREFIX) or (p.name.startswith(atomic.TMP_PREFIX) and p.is_dir()):
                 shutil.rmtree(p, ignore_errors=True)
     dist.barrier()
 
@@ -408,7 +405,7 @@ def load(step_dir, model, optimizer=None, model_shape: Optional[dict] = None, re
         same_layout = (meta.get("world_size") == dist.get_world_size()
                        and meta.get("tensor_model_parallel_size") == ps.get_tensor_model_parallel_world_size())
         if restore_rng and same_layout and rng_file.is_file():  # RNG states belong to a rank's role
-            notes = _set_rng_state(torch.load(rng_file, weights_only=False))
+            notes = set_rng_state(torch.load(rng_file, weights_only=False))
             if notes and dist.get_rank() == 0:
                 print(f"checkpoint {step_dir.name}: RNG restored except: " + "; ".join(notes), flush=True)
     return meta

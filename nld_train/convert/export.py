@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import shutil
 import warnings
@@ -28,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from nld_train.atomic import atomic_dir
 from nld_train.checkpoint import read_meta, run_config
 from nld_train.data.tokenizer import load_tokenizer
 from nld_train.dist import preserved_environ
@@ -234,11 +234,8 @@ def to_hf(checkpoint, out_dir, dtype: Optional[str] = None, layout: str = "hf", 
         family = src["model_type"]
     family = family or auto_family(cfg)
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    # out_dir is absent or empty (checked above): publish by one rename, never over files that appeared meanwhile
+    with atomic_dir(out_dir, replace=False) as tmp:
         tok_path = (conf.get("tokenizer") or {}).get("path")
         tok = None
         if tok_path and Path(tok_path).is_dir():
@@ -277,12 +274,6 @@ def to_hf(checkpoint, out_dir, dtype: Optional[str] = None, layout: str = "hf", 
                 shutil.copytree(run_dir / art, tmp / art)
         (tmp / "README.md").write_text(_model_card(out_dir.name, family, layout,
                                                    _training_summary(step_dir, meta, conf), cfg))
-        if out_dir.exists():
-            out_dir.rmdir()        # empty (checked above)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"exported {step_dir} -> {out_dir}: layout {layout}, family {family}, {dtype}, {n_shards} shard(s)")
     return out_dir
 

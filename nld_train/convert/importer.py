@@ -34,7 +34,7 @@ from nld_train.config import (
     TokenizerConfig,
     model_shape,
 )
-from nld_train.children import install_checkpoint_writer_hooks
+from nld_train.atomic import atomic_dir
 from nld_train.dist import init_distributed, preserved_environ
 from nld_train.errors import CheckpointError, InputError
 from nld_train.inference.hf_format import iter_plain_to_megatron, read_hf_folder
@@ -54,17 +54,7 @@ def model_config_from_nld(cfg, name: str):
 
 def save_weights_only(run_dir: Path, model, meta: dict) -> Path:
     """Collective. A step-0 dist checkpoint with the model only (no optimizer), committed like the trainer's."""
-    from megatron.core import dist_checkpointing
-    tmp = ckpt._tmp_dir(run_dir, 0)
-    if dist.get_rank() == 0:
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    install_checkpoint_writer_hooks()
-    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp))
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(ckpt.rng_state(), tmp / "rng" / f"rank_{dist.get_rank():05d}.pt")
-    ckpt._commit(run_dir, 0, meta, keep_last=1, keep_every=0)
-    return ckpt.checkpoints_dir(run_dir) / ckpt.step_dir_name(0)
+    return ckpt.save(run_dir, 0, model, None, meta, keep_last=1)
 
 
 def from_hf(hf_dir, out_dir, tp: int = 1, mask_token_id: Optional[int] = None, add_mask_token: bool = False) -> Path:
@@ -94,11 +84,8 @@ def _from_hf(hf_dir, out_dir, tp: int, mask_token_id: Optional[int], add_mask_to
     shape = model_shape(mcfg, tp)
     padded = shape["padded_vocab_size"]
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    # out_dir is absent or empty (checked above): publish by one rename, never over files that appeared meanwhile
+    with atomic_dir(out_dir, replace=False) as tmp:
         from megatron.core import parallel_state as ps
         if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
             init_distributed(1)
@@ -132,12 +119,6 @@ def _from_hf(hf_dir, out_dir, tp: int, mask_token_id: Optional[int], add_mask_to
         (tmp / "model.yaml").write_text(
             "# the model group of this checkpoint: copy to recipes/model/<name>.yaml and pass model=<name>\n"
             + OmegaConf.to_yaml(OmegaConf.structured(mcfg)))
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     step = out_dir / step.relative_to(tmp)
     print(f"converted {hf_dir} ({info['model_type']}, layout {info['layout']}) -> {step}; mask token id "
           f"{cfg.mask_token_id}, vocab {cfg.vocab_size} (padded {padded} for TP={tp})")

@@ -199,6 +199,7 @@ def save_sampler(model: SamplerModel, out_dir, extra: Optional[dict] = None) -> 
     into place (a reader never sees half a sampler)."""
     from safetensors.torch import save_file
     out = Path(out_dir)
+    # nld_train.atomic.atomic_dir by hand: this module is shipped as HF remote code (torch only)
     tmp = out.with_name(f"tmp.{out.name}")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -96,6 +96,7 @@ class LoRAAdapter(nn.Module):
         """PEFT-layout folder, written to a temporary folder and renamed into place."""
         from safetensors.torch import save_file
         out = Path(out_dir)
+        # nld_train.atomic.atomic_dir by hand: this module is shipped as HF remote code (torch only)
         tmp = out.with_name(f"tmp.{out.name}")
         if tmp.exists():
             shutil.rmtree(tmp)

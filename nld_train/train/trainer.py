@@ -8,7 +8,8 @@ A step, top to bottom:
 3. forward/backward each micro-batch with its loss already divided by those global counts;
    megatron DDP sums gradients (``calculate_per_token_loss=True``: no 1/DP) and
    ``finalize_model_grads`` is called without ``num_tokens`` (no second division);
-4. TP-aware clip, AdamW, log, checkpoint.
+4. TP-aware clip, AdamW, log; then the checkpoint manager decides whether to save
+   (``checkpoint/manager.py``: interval, async, last step, preemption).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
 from nld_train import checkpoint as ckpt
+from nld_train.checkpoint.manager import CheckpointManager
 from nld_train.config import Config, ConfigError, flatten, math_changes, model_shape, validate
 from nld_train.data import (
     MegatronTokenizer,
@@ -48,7 +50,6 @@ from nld_train.observability import (
     train_flops_per_token,
 )
 from nld_train.train.optim import build_optimizer, grad_norm_and_clip
-from nld_train.train.preemption import EXIT_PREEMPTED, Preempted, Preemption
 from nld_train.train.schedule import lr_at
 
 
@@ -101,31 +102,8 @@ class Trainer:
         self.objective = objective_from_config(cfg)
         self.precision = ("bf16" if self.caps.cuda else "fp32") if t.precision == "auto" else t.precision
 
-        # resume (full state) takes precedence over init_from (weights only)
-        self.step, self.schedule_steps = 0, t.lr_schedule_steps or t.max_steps
-        latest = ckpt.find_latest(self.run_dir)
-        shape = model_shape(cfg.model, self.layout.tp)
-        # megatron's sample order depends on how many samples the dataset is built for: keep the
-        # count of the first start unless the run now needs more (then the order is rebuilt)
-        self.train_samples = max(t.max_steps, self.schedule_steps) * t.global_batch_size
-        self.skipped_steps = self.consecutive_skips = 0
-        self.resumed = latest is not None
-        if latest is not None:
-            self._check_config_change(ckpt.read_meta(latest), latest)
-            meta = ckpt.load(latest, self.model, self.optimizer, model_shape=shape)
-            self.step, self.skipped_steps = meta["step"], meta.get("skipped_steps", 0)
-            self.consecutive_skips = meta.get("consecutive_skips", 0)
-            self.schedule_steps = t.lr_schedule_steps or meta["lr_schedule_steps"]
-            needed = max(t.max_steps, self.schedule_steps) * t.global_batch_size
-            if needed > meta["train_samples"]:
-                self.log(f"warning: the run now needs {needed} samples, more than the {meta['train_samples']} "
-                          "its data order was built for; megatron rebuilds the sample order")
-            self.train_samples = max(needed, meta["train_samples"])
-            self.log(f"resumed from {latest} at step {self.step}")
-        elif cfg.checkpoint.init_from:
-            src = ckpt.resolve(cfg.checkpoint.init_from)
-            ckpt.load(src, self.model, None, model_shape=shape)
-            self.log(f"initialised weights from {src}")
+        # resume (full state) or init_from (weights only), before the datasets: they need train_samples
+        resumed = self._restore()
 
         n_valid = t.eval_iters * t.global_batch_size if t.eval_interval > 0 else 0
         self.train_ds, self.valid_ds = build_datasets(
@@ -140,14 +118,64 @@ class Trainer:
             (self.run_dir / "provenance.json").write_text(
                 json.dumps(provenance(self.layout, self.caps), indent=1))
         self.wandb = Wandb(cfg.wandb, self.run_dir, asdict(cfg), cfg.recipe) if self.rank0 else None
-        self.async_queue = None
-        if cfg.checkpoint.async_save:
-            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-            self.async_queue = AsyncCallsQueue(persistent=False)  # persistent workers need CUDA
-        self.preemption = Preemption()
         self.flops_per_token = train_flops_per_token(cfg.model, t.seq_length, self.objective, self.layout.tp)
         # MFU denominator: train.peak_tflops, else the detected bf16 peak; none rather than a wrong one
         self.peak_flops, self.peak_source = resolve_peak_flops(t.peak_tflops, self.precision == "bf16")
+        # last, as it installs the preemption signal handlers; a resumed step is never saved again
+        self.checkpointer = CheckpointManager(self.run_dir, cfg.checkpoint, self.model, self.optimizer,
+                                              self.state_dict, self.device,
+                                              saved_step=self.step if resumed else None, log=self.log)
+
+    # -- the state a checkpoint carries besides weights, optimizer and RNG ------------------------
+    def _restore(self) -> bool:
+        """A fresh run's progress, then: resume from the newest checkpoint in run.dir (weights,
+        optimizer, RNG, progress), or else the weights of checkpoint.init_from. True if resumed."""
+        t = self.cfg.train
+        self.step, self.schedule_steps = 0, t.lr_schedule_steps or t.max_steps
+        self.train_samples = max(t.max_steps, self.schedule_steps) * t.global_batch_size
+        self.skipped_steps = self.consecutive_skips = 0
+        latest = ckpt.find_latest(self.run_dir)
+        if latest is not None:
+            self._check_config_change(ckpt.read_meta(latest), latest)
+            self.load_state_dict(ckpt.load(latest, self.model, self.optimizer, model_shape=self._model_shape()))
+            self.log(f"resumed from {latest} at step {self.step}")
+            return True
+        if self.cfg.checkpoint.init_from:
+            src = ckpt.resolve(self.cfg.checkpoint.init_from)
+            ckpt.load(src, self.model, None, model_shape=self._model_shape())
+            self.log(f"initialised weights from {src}")
+        return False
+
+    def state_dict(self) -> dict:
+        """The run's progress and what describes it, as JSON: the meta dict of ``checkpoint.save``
+        (its commit marker ``nld_checkpoint.json``, docs/checkpointing.md). Weights, AdamW state and
+        the per-rank RNG states are saved by ``checkpoint.save`` itself (sharded tensors, rng/)."""
+        return {"lr_schedule_steps": self.schedule_steps, "train_samples": self.train_samples,
+                "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
+                "config": asdict(self.cfg),
+                "consumed_samples": self.step * self.cfg.train.global_batch_size,
+                "model_shape": self._model_shape(),
+                "objective": self.cfg.objective.name,
+                "tensor_model_parallel_size": self.layout.tp, "recipe": self.cfg.recipe,
+                "step": self.step}
+
+    def load_state_dict(self, meta: dict) -> None:
+        """Resume the progress of ``meta`` (a checkpoint's meta dict, ``state_dict()`` of the run that saved it)."""
+        t = self.cfg.train
+        self.step, self.skipped_steps = meta["step"], meta.get("skipped_steps", 0)
+        self.consecutive_skips = meta.get("consecutive_skips", 0)
+        self.schedule_steps = t.lr_schedule_steps or meta["lr_schedule_steps"]
+        # megatron's sample order depends on how many samples the dataset is built for: keep the
+        # count of the first start unless the run now needs more (then the order is rebuilt)
+        needed = max(t.max_steps, self.schedule_steps) * t.global_batch_size
+        if needed > meta["train_samples"]:
+            self.log(f"warning: the run now needs {needed} samples, more than the {meta['train_samples']} "
+                      "its data order was built for; megatron rebuilds the sample order")
+        self.train_samples = max(needed, meta["train_samples"])
+
+    def _model_shape(self) -> dict:
+        # the padded vocabulary must match too: it grows in multiples of 128 x TP
+        return model_shape(self.cfg.model, self.layout.tp)
 
     def _check_config_change(self, meta: dict, path) -> None:
         """Resuming with other math (model, objective, data, seed, batch, optimizer, schedule) is
@@ -268,83 +296,64 @@ class Trainer:
         return {f"val_{k}": v for k, v in rep.items() if v is not None}
 
     def save(self, sync: bool = False) -> None:
-        c = self.cfg.checkpoint
-        meta = {"lr_schedule_steps": self.schedule_steps, "train_samples": self.train_samples,
-                "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
-                "config": asdict(self.cfg),
-                "consumed_samples": self.step * self.cfg.train.global_batch_size,
-                "model_shape": model_shape(self.cfg.model, self.layout.tp),
-                "objective": self.cfg.objective.name,
-                "tensor_model_parallel_size": self.layout.tp, "recipe": self.cfg.recipe}
-        t0 = time.time()
-        queue = self.async_queue if (c.async_save and not sync) else None
-        if self.async_queue is not None:  # one save in flight at a time
-            self.async_queue.maybe_finalize_async_calls(blocking=True)
-        path = ckpt.save(self.run_dir, self.step, self.model, self.optimizer, meta, c.keep_last, c.keep_every,
-                         async_queue=queue)
-        self.log(f"{'scheduled async' if queue else 'saved'} checkpoint {path} ({time.time() - t0:.1f}s blocking)")
+        """Collective: save the current step now (``CheckpointManager.save``)."""
+        self.checkpointer.save(self.step, sync=sync)
 
     def fit(self) -> None:
-        t, c = self.cfg.train, self.cfg.checkpoint
+        """Train from ``self.step`` to ``train.max_steps``. Each step: update, metrics, evaluations
+        at their intervals, one log line; then the checkpoint manager saves when its cadence says so
+        (and raises ``Preempted`` after a preemption signal)."""
+        t = self.cfg.train
         self.ddp.train()
-        tokens_per_step = t.global_batch_size * t.seq_length
-        # a resumed run's current step is already on disk: never save the same step twice
+        self.log(self._describe())
         start_step, t_start = self.step, time.time()
-        saved_at = self.step if self.resumed else None
-        self.log(f"training {self.cfg.recipe or 'run'}: objective={self.cfg.objective.name} steps "
-                  f"{self.step}->{t.max_steps} world={self.layout.world_size} (tp={self.layout.tp}, "
-                  f"dp={self.layout.dp}{', optimizer state sharded over dp' if self.cfg.parallel.distributed_optimizer else ''}) device={self.caps.device} te={self.caps.transformer_engine} "
-                  f"apex={self.caps.apex} precision={self.precision} "
-                  f"deterministic={'on (' + ', '.join(self.determinism) + ')' if self.determinism else 'off'} "
-                  f"mfu={'vs %.0f TFLOP/s/GPU (%s)' % (self.peak_flops / 1e12, self.peak_source) if self.peak_flops else 'off: ' + self.peak_source} "
-                  f"run_dir={self.run_dir}")
         while self.step < t.max_steps:
             t0 = time.time()
             row = self.train_step(self.step)
             self.step += 1
-            dt = time.time() - t0
-            row = {"step": self.step, **row, "tokens": self.step * tokens_per_step,
-                   "tokens_per_s": tokens_per_step / dt, "step_time_s": dt}
-            if self.peak_flops:
-                row["mfu"] = self.flops_per_token * row["tokens_per_s"] / (self.peak_flops * self.layout.world_size)
+            row = {"step": self.step, **row, **self._throughput(time.time() - t0)}
             if t.eval_interval and self.step % t.eval_interval == 0:
                 row.update(self.evaluate())
             if self.cfg.eval.interval and self.step % self.cfg.eval.interval == 0:
                 # benchmarks (docs/evaluation.md): rank 0 evaluates; the others wait outside any
                 # collective, so no process-group timeout bounds the eval's length
                 row.update(on_rank0(lambda: self.eval_hook(self)) or {})
-            if self.rank0:
-                self.metrics.write(row)
-                self.wandb.log(row)
-                if self.step % t.log_interval == 0 or self.step == t.max_steps:
-                    done = self.step - start_step
-                    eta = (time.time() - t_start) / done * (t.max_steps - self.step)
-                    print(progress_line(row, t.max_steps, eta), flush=True)
-            if self.async_queue is not None:
-                self.async_queue.maybe_finalize_async_calls(blocking=False)
-            if c.interval and self.step % c.interval == 0:
-                self.save()
-                saved_at = self.step
-            if self.preemption.requested(self.device):
-                if saved_at != self.step:
-                    self.save(sync=True)
-                self.finish_saves()
-                self.log(f"preempted ({self.preemption.received or 'signal on another rank'}): "
-                          f"checkpoint at step {self.step} committed, exiting with code {EXIT_PREEMPTED}")
-                raise Preempted(self.step, self.preemption.received)
-        if c.save_final and self.step > start_step and saved_at != self.step:
-            self.save(sync=True)
-        self.finish_saves()
+            self._report(row, start_step, t_start)
+            self.checkpointer.maybe_save(self.step, last=self.step == t.max_steps)
 
-    def finish_saves(self) -> None:
-        """Block until a background save is committed (collective)."""
-        if self.async_queue is not None:
-            self.async_queue.maybe_finalize_async_calls(blocking=True)
+    def _describe(self) -> str:
+        lay, t = self.layout, self.cfg.train
+        return (f"training {self.cfg.recipe or 'run'}: objective={self.cfg.objective.name} steps "
+                f"{self.step}->{t.max_steps} world={lay.world_size} (tp={lay.tp}, "
+                f"dp={lay.dp}{', optimizer state sharded over dp' if self.cfg.parallel.distributed_optimizer else ''}) "
+                f"device={self.caps.device} te={self.caps.transformer_engine} "
+                f"apex={self.caps.apex} precision={self.precision} "
+                f"deterministic={'on (' + ', '.join(self.determinism) + ')' if self.determinism else 'off'} "
+                f"mfu={'vs %.0f TFLOP/s/GPU (%s)' % (self.peak_flops / 1e12, self.peak_source) if self.peak_flops else 'off: ' + self.peak_source} "
+                f"run_dir={self.run_dir}")
+
+    def _throughput(self, dt: float) -> dict:
+        """Tokens so far and this step's speed (and MFU on GPUs with a known bf16 peak)."""
+        t = self.cfg.train
+        tokens_per_step = t.global_batch_size * t.seq_length
+        out = {"tokens": self.step * tokens_per_step, "tokens_per_s": tokens_per_step / dt, "step_time_s": dt}
+        if self.peak_flops:
+            out["mfu"] = self.flops_per_token * out["tokens_per_s"] / (self.peak_flops * self.layout.world_size)
+        return out
+
+    def _report(self, row: dict, start_step: int, t_start: float) -> None:
+        """Rank 0: the row to metrics.jsonl and W&B; a progress line every train.log_interval steps and at the end."""
+        t = self.cfg.train
+        if not self.rank0:
+            return
+        self.metrics.write(row)
+        self.wandb.log(row)
+        if self.step % t.log_interval == 0 or self.step == t.max_steps:
+            eta = (time.time() - t_start) / (self.step - start_step) * (t.max_steps - self.step)
+            print(progress_line(row, t.max_steps, eta), flush=True)
 
     def close(self) -> None:
-        self.preemption.restore()
-        if self.async_queue is not None:
-            self.async_queue.close()
+        self.checkpointer.close()
         if self.rank0:
             self.metrics.close()
             self.wandb.finish()

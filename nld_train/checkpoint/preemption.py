@@ -2,8 +2,9 @@
 
 SIGTERM is what torchrun forwards to its workers (and what Slurm sends before a kill);
 SIGUSR1/SIGUSR2 are what `srun --signal=...` delivers when ranks run directly under srun. The
-handler only sets a flag; the trainer all-reduces it at each step boundary so every rank stops
-after the same step, saves one consistent checkpoint and exits with EXIT_PREEMPTED.
+handler only sets a flag; the checkpoint manager (``checkpoint/manager.py``) all-reduces it at each
+step boundary so every rank stops after the same step, saves one consistent checkpoint and exits
+with EXIT_PREEMPTED.
 """
 from __future__ import annotations
 

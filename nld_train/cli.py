@@ -8,6 +8,7 @@ once, naming the key. A recipe with a ``pipeline`` runs its stages one after ano
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from pathlib import Path
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             trainer.fit()
             # rank 0 decodes; the others wait outside any collective (the next stage's start is one)
-            on_rank0(lambda: end_of_run_decoding(trainer))
+            on_rank0(functools.partial(end_of_run_decoding, trainer))
         finally:
             trainer.close()
     shutdown()

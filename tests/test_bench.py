@@ -62,11 +62,11 @@ def test_flex_and_split_sdpa_equal_one_dense_call_on_cpu():
         return out.detach(), q.grad, k.grad, v.grad
     for scale in (None, qs):
         ref = run(lambda q, k, v: F.scaled_dot_product_attention(
-            q * (1 if scale is None else scale[None, None, :, None]), k, v,
+            q * (1 if scale is None else scale[None, None, :, None]), k, v,  # noqa: B023 (called within this loop iteration)
             attn_mask=joint_attention_mask(L, bs), enable_gqa=True))
         sdpa = build_attention_inputs("joint", L, bs, "sdpa", "cpu", query_scale=scale)
         assert sdpa.split_clean  # the predicate's clean half is plain causal
-        for got, want in zip(run(lambda q, k, v: attend(q, k, v, sdpa)), ref):
+        for got, want in zip(run(lambda q, k, v: attend(q, k, v, sdpa)), ref, strict=True):  # noqa: B023 (called within this loop iteration)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         flex = build_attention_inputs("joint", L, bs, "flex", "cpu", query_scale=scale)
         torch.testing.assert_close(attend(q0, k0, v0, flex), ref[0], atol=2e-5, rtol=2e-5)  # forward only on CPU

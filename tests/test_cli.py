@@ -53,7 +53,7 @@ def test_golden_loss_curve(smoke_run):
     golden = json.loads(GOLDEN.read_text())
     got = metrics(run_dir)
     for key in ("loss", "loss_ar", "loss_diff", "grad_norm", "lr"):
-        for g, r in zip(golden[key], got):
+        for g, r in zip(golden[key], got, strict=True):
             assert r[key] == pytest.approx(g, rel=2e-4, abs=1e-6), (key, r["step"])
 
 
@@ -79,7 +79,7 @@ def test_sigkill_after_step6_checkpoint_resumes_bit_exact(smoke_run, tmp_path):
     assert "resumed from" in res.stdout
     rows, ref = metrics(run_dir), metrics(ref_dir)
     assert [r["step"] for r in rows] == list(range(1, 13))
-    for a, b in zip(rows, ref):
+    for a, b in zip(rows, ref, strict=True):
         assert (a["loss"], a["grad_norm"], a["lr"]) == (b["loss"], b["grad_norm"], b["lr"]), a["step"]
 
 

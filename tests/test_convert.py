@@ -142,7 +142,7 @@ def test_remote_code_decodes_like_nld_inference(converted):
         assert torch.equal(got, want) and nfe == nfe_ref, mode
     # load_model reads the export folder too (the contract), with the same weights
     h = load_model(c["back"])
-    assert all(torch.equal(a, b) for a, b in zip(h.state_dict().values(), ref.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(h.state_dict().values(), ref.state_dict().values(), strict=True))
 
 
 def test_tokenizer_and_nld_layout(converted, tmp_path):
@@ -247,8 +247,13 @@ def test_family_quirks_come_from_the_family_table():
     """The HFFamily records drive every family difference: Llama's attention_bias (also on o_proj)
     is refused, Qwen2 has q/k/v biases and ignores sliding_window unless use_sliding_window, the
     export family follows biases and query scaling, and each family's export fields are written."""
-    from nld_train.inference.hf_format import (FAMILIES, UnsupportedModelError, auto_family, hf_config_dict,
-                                               nld_config_from_hf)
+    from nld_train.inference.hf_format import (
+        FAMILIES,
+        UnsupportedModelError,
+        auto_family,
+        hf_config_dict,
+        nld_config_from_hf,
+    )
     d = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128, mask_token_id=3)
     with pytest.raises(UnsupportedModelError, match="Llama's attention_bias"):

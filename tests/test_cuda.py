@@ -45,17 +45,16 @@ def test_deterministic_mode_gives_identical_bf16_gradients(dist1, device, kind, 
             return loss.detach(), [p.grad.clone() for p in model.parameters()]
         l1, g1 = grads()
         l2, g2 = grads()
-        assert torch.equal(l1, l2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+        assert torch.equal(l1, l2) and all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
     finally:
         torch.use_deterministic_algorithms(flags)
 
 
 # -- bf16 RoPE ------------------------------------------------------------------------------------
 def test_bf16_decoding_on_cuda_keeps_rope_angles_fp32(tmp_path_factory, dist1, device):
-    from tests.test_bf16_rope import L, assert_late_error_bounded, make_llama
-
     from nld_train.convert.importer import from_hf
     from nld_train.inference import load_model
+    from tests.test_bf16_rope import L, assert_late_error_bounded, make_llama
     root = tmp_path_factory.mktemp("cuda_rope")
     make_llama(root / "hf")
     step = from_hf(root / "hf", root / "nld", mask_token_id=3)
@@ -131,9 +130,9 @@ def test_te_and_local_checkpoints_load_each_other(tmp_path, dist1, monkeypatch):
 
 # -- RNG ------------------------------------------------------------------------------------------------
 def test_cpu_saved_rng_state_resumes_on_cuda(dist1):
-    import numpy as np
     import random
 
+    import numpy as np
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     from nld_train.checkpoint import rng_state, set_rng_state

@@ -18,6 +18,7 @@ warnings.filterwarnings("ignore", message=r".*torch\.jit\.script", category=Depr
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from megatron.core.datasets.indexed_dataset import IndexedDataset  # noqa: E402
 
 from nld_train.data import demo_corpus  # noqa: E402
 from nld_train.data.demo_corpus import encode_document, ensure_demo_corpus, shakespeare_texts  # noqa: E402
@@ -35,7 +36,6 @@ from nld_train.data.tokenizer import (  # noqa: E402
     check_mask_token,
     load_tokenizer,
 )
-from megatron.core.datasets.indexed_dataset import IndexedDataset  # noqa: E402
 
 CODE_SNIPPET = 'def f(x):\n\tif x  >= 1:  # é ü 🙂\r\n        return "a\\tb"\n\n\n  pass  \n'
 

@@ -6,8 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nld_train.model.attention import (FlexNotCompiledError, _compiled_flex, attend, build_attention_inputs,
-                                       build_packed_attention_inputs)
+from nld_train.model.attention import (
+    FlexNotCompiledError,
+    _compiled_flex,
+    attend,
+    build_attention_inputs,
+    build_packed_attention_inputs,
+)
 from nld_train.objective.masks import joint_attention_mask, packed_attention_mask
 
 
@@ -109,8 +114,8 @@ def test_compiled_packed_block_mask_equals_eager(kind, fresh_dynamo):
 def test_attention_bench_resets_dynamo_per_case(tmp_path, monkeypatch, fresh_dynamo):
     """Two cases with compiled flex (dynamo's eager backend) under recompile_limit=1: each case
     needs its own graph, so only the per-case reset keeps the second one compiled."""
-    from tests.test_bench import _module
     import nld_train.model.attention as attention
+    from tests.test_bench import _module
     att = _module("attention")
     monkeypatch.setattr(attention, "_compiled_flex", lambda: _compiled_flex("eager"))
     out = tmp_path / "att.json"
@@ -125,8 +130,8 @@ def test_attention_bench_resets_dynamo_per_case(tmp_path, monkeypatch, fresh_dyn
 def test_attention_bench_reports_out_of_memory_and_goes_on(tmp_path, monkeypatch, capsys):
     import json
 
-    from tests.test_bench import _module
     import nld_train.model.attention as attention
+    from tests.test_bench import _module
     att = _module("attention")
     real = attention.attend
     writes = []

@@ -167,8 +167,8 @@ def test_sampling_is_reproducible_with_a_generator():
 @pytest.fixture(scope="module")
 def trained(dist1, tmp_path_factory):
     """A few joint-objective steps of the smoke recipe, saved and loaded back in float64."""
-    from tests.test_trainer import make_trainer
     from nld_train.inference import load_model
+    from tests.test_trainer import make_trainer
     tmp = tmp_path_factory.mktemp("inf")
     tr = make_trainer(tmp, "train.max_steps=3", name="run")
     for step in range(3):
@@ -194,7 +194,7 @@ def test_loaded_checkpoint_matches_trainer_and_ar(trained):
     # the in-memory conversion of the trainer's model (the demo hook) gives the same weights
     from nld_train.inference import from_megatron
     direct = from_megatron(tr.model, tr.cfg.model, dtype=torch.float64)
-    assert all(torch.equal(a, b) for a, b in zip(direct.state_dict().values(), model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(direct.state_dict().values(), model.state_dict().values(), strict=True))
 
 
 def test_cli_generate_and_table(trained, capsys):

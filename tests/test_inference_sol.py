@@ -5,7 +5,6 @@ import torch
 from nld_train.inference.sol import sol_tpf
 from tests.test_inference_invariants import random_model
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -105,7 +105,7 @@ def test_save_load_peft_layout(tmp_path):
     assert keys[0] == "base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight" and len(keys) == 4
     back = load_adapter(tmp_path / "run")           # the run dir works too
     assert back.scale == ad.scale and back.base_model == "runs/demo/stage2"
-    for a, b in zip(list(ad.parameters()), list(back.parameters())):
+    for a, b in zip(list(ad.parameters()), list(back.parameters()), strict=True):
         assert torch.equal(a.float(), b)
     ids = torch.tensor([[3, 4, 5]])
     o1, _ = model.linear_spec_generate(ids, 8, block_length=4, eos_token_id=-1, lora=ad)

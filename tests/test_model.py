@@ -24,14 +24,14 @@ def reference_logits(model, m, ids, pos, allowed, qscale=None):
     nh, ng, hid = m.num_attention_heads, m.num_query_groups, m.hidden_size
     hd, rep = hid // nh, nh // ng
     inv = model.rotary_pos_emb.inv_freq
-    rms = lambda t, w: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + m.norm_epsilon) * w
+    rms = lambda t, w: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + m.norm_epsilon) * w  # noqa: E731
     ang = pos[:, None, :, None].float() * inv
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
-    rope = lambda t: t * cos + torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1) * sin
+    rope = lambda t: t * cos + torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1) * sin  # noqa: E731
     x = P["embedding.word_embeddings.weight"][ids]
     b, s, _ = x.shape
     for i in range(m.num_layers):
-        w = lambda n: P[f"decoder.layers.{i}.{n}.weight"]
+        w = lambda n: P[f"decoder.layers.{i}.{n}.weight"]  # noqa: B023,E731
         qkv = (rms(x, w("input_layernorm")) @ w("self_attention.linear_qkv").T).view(b, s, ng, (rep + 2) * hd)
         q, k, v = qkv.split([rep * hd, hd, hd], -1)  # megatron QKV rows: per group [q x rep, k, v]
         q, k, v = rope(q.reshape(b, s, nh, hd).transpose(1, 2)), rope(k.transpose(1, 2)), v.transpose(1, 2)

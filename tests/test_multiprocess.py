@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from tests.conftest import REPO, run_group
-from tests.test_trainer import grads, make_trainer, max_rel_diff
 from tests.mp_checks import LAYOUTS, OVERLAP_TWINS, OVERLAP_TWINS_FOUR, STAGES
+from tests.test_trainer import grads, make_trainer, max_rel_diff
 
 
 def launch(nproc, *args):
@@ -60,7 +60,7 @@ def assert_same(got, ref, what):
     assert torch.equal(got["counts"], ref["counts"]), what
     assert torch.allclose(got["sums"], ref["sums"], rtol=1e-5), what
     assert max_rel_diff(got["grads"], ref["grads"]) < 1e-4, what
-    for a, b in zip(got["losses"], ref["losses"]):
+    for a, b in zip(got["losses"], ref["losses"], strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5, (what, a["loss"], b["loss"])
         assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * b["grad_norm"], what
 

@@ -5,8 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nld_train.objective.masks import (causal_attention_mask, causal_mask_mod, joint_attention_mask,
-                                       joint_mask_mod)
+from nld_train.objective.masks import causal_attention_mask, causal_mask_mod, joint_attention_mask, joint_mask_mod
 
 REFERENCE_4_2 = ["11000000", "11000000", "00111100", "00111100",
                  "00001000", "00001100", "00001110", "00001111"]

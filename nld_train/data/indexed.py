@@ -47,7 +47,7 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX)
         except OSError as err:  # some network filesystems refuse locks: build unlocked, loudly
-            warnings.warn(f"could not lock {path} ({err}); concurrent builders may collide")
+            warnings.warn(f"could not lock {path} ({err}); concurrent builders may collide", stacklevel=2)
         yield  # closing the file releases the lock
 
 
@@ -335,7 +335,7 @@ def parse_data_path(path: str | os.PathLike | Sequence) -> tuple[list[str], list
     if len(items) % 2 or not all(numeric[0::2]) or any(numeric[1::2]):
         raise DataError(f"a data.path blend alternates weight and prefix, [w1, prefix1, w2, prefix2, ...]: {path!r}")
     weights = [float(w) for w in items[0::2]]
-    for weight, prefix in zip(weights, items[1::2]):
+    for weight, prefix in zip(weights, items[1::2], strict=True):
         if not (math.isfinite(weight) and weight > 0):
             raise DataError(f"blend weight {weight} for {prefix!r} must be a positive number")
     return items[1::2], weights
@@ -345,7 +345,7 @@ def _check_splits(prefix: str, n_sequences: int, split: str, sizes: list[int]) -
     """Megatron loops forever on a split that gets no documents (it adds 0-token epochs until it has
     enough tokens), so refuse those here, with the same rounding it uses to cut the splits."""
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
-    for name, bounds, size in zip(("train", "valid", "test"), matrix, sizes):
+    for name, bounds, size in zip(("train", "valid", "test"), matrix, sizes, strict=True):
         if bounds is None:
             if size > 0:
                 raise DataError(f"split {split!r} gives no {name} data but {size} {name} samples were requested")

@@ -261,7 +261,13 @@ def prepare(cfg: PrepareConfig) -> dict:
 
 def _prepare(cfg: PrepareConfig) -> dict:
     from nld_train.data.indexed import (
-        LOSS_MASK_SUFFIX, SIDECAR_FORMAT, IndexedWriter, read_sidecar, token_dtype, write_json_atomic)
+        LOSS_MASK_SUFFIX,
+        SIDECAR_FORMAT,
+        IndexedWriter,
+        read_sidecar,
+        token_dtype,
+        write_json_atomic,
+    )
 
     t_start = time.perf_counter()
     output = str(Path(cfg.output).expanduser().resolve())

@@ -80,7 +80,7 @@ class ChatFormatter:
             nonempty = [j for j, p in enumerate(prompts) if p]
             rendered = self._render([prompts[j] for j in nonempty], True) if nonempty else []
             before = [""] * len(prompts)
-            for j, text in zip(nonempty, rendered):
+            for j, text in zip(nonempty, rendered, strict=True):
                 before[j] = text
             after = self._render(answers, False)
             for j, i in enumerate(owner):
@@ -94,7 +94,7 @@ class ChatFormatter:
         enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True,
                              return_attention_mask=False)
         out = []
-        for i, (ids, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
+        for i, (ids, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"], strict=True)):
             starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=len(offsets))
             mask = np.zeros(len(ids), dtype=np.uint8)
             for a, b in spans[i]:
@@ -127,7 +127,9 @@ class SFTDataset:
     def __init__(self, prefixes: Sequence[str], split: str, split_index: int, num_samples: int,
                  seq_length: int, seed: int, pad_id: int, align: int = 1, pack: bool = True):
         from megatron.core.datasets.blended_megatron_dataset_config import (
-            convert_split_vector_to_split_matrix, parse_and_normalize_split)
+            convert_split_vector_to_split_matrix,
+            parse_and_normalize_split,
+        )
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         from nld_train.data.indexed import LOSS_MASK_SUFFIX

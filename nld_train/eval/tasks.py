@@ -114,7 +114,7 @@ class GSM8K(Task):
         return [Sample(i, str(r["doc"]["id"]), r["doc"]["question"], A.gsm8k_gold(r["doc"]["answer"]))
                 for i, r in enumerate(read_rows("gsm8k"))]
 
-    @lru_cache(maxsize=None)
+    @lru_cache(maxsize=None)  # noqa: B019 - tasks are module-level singletons: nothing to leak
     def exemplars(self):
         ctx = read_rows("gsm8k")[0]["request"]["context"]
         blocks = ctx.split("\n\n")[:-1]        # the last block is the test question
@@ -147,7 +147,7 @@ class MATH500(Task):
         return [Sample(i, str(r["doc"]["index"]), r["doc"]["problem"], A.math_gold(r["doc"]["solution"]),
                        {"level": r["doc"].get("level")}) for i, r in enumerate(read_rows("math500"))]
 
-    @lru_cache(maxsize=None)
+    @lru_cache(maxsize=None)  # noqa: B019 - tasks are module-level singletons: nothing to leak
     def exemplars(self):
         ctx = read_rows("math500")[0]["request"]["context"]
         head = ctx.rsplit("\n\nProblem:\n", 1)[0]            # drop the test problem

@@ -132,7 +132,7 @@ def _load_model(path, device, dtype) -> NLDForDecoding:
     if tok and Path(tok).is_dir():
         eos = load_tokenizer(tok).eos_token_id
     else:  # the decoder still works, but stops at EOS only if eos_token_id is passed per call
-        warnings.warn(f"tokenizer {tok!r} of {step_dir} not found: no default EOS; pass eos_token_id=")
+        warnings.warn(f"tokenizer {tok!r} of {step_dir} not found: no default EOS; pass eos_token_id=", stacklevel=2)
 
     from megatron.core import parallel_state as ps
 

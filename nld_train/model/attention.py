@@ -16,8 +16,13 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from nld_train.dist import capabilities
-from nld_train.objective.masks import (causal_attention_mask, joint_attention_mask,
-                                       joint_mask_mod, packed_attention_mask, packed_mask_mod)
+from nld_train.objective.masks import (
+    causal_attention_mask,
+    joint_attention_mask,
+    joint_mask_mod,
+    packed_attention_mask,
+    packed_mask_mod,
+)
 
 
 @dataclass

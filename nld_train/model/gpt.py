@@ -23,8 +23,12 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from nld_train.config import ModelConfig, ParallelConfig, padded_vocab_size
 from nld_train.dist import capabilities
-from nld_train.model.attention import (AttentionInputs, NLDCoreAttention, build_attention_inputs,
-                                       build_packed_attention_inputs)
+from nld_train.model.attention import (
+    AttentionInputs,
+    NLDCoreAttention,
+    build_attention_inputs,
+    build_packed_attention_inputs,
+)
 from nld_train.model.rope import query_scale, rope_inv_freq
 
 
@@ -37,7 +41,7 @@ class RMSNormSP(torch.nn.RMSNorm):
 
     def __init__(self, config, hidden_size, eps=1e-5, **unused):
         super().__init__(hidden_size, eps=eps)
-        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+        self.weight.sequence_parallel = config.sequence_parallel
 
 
 def layer_spec(use_te: bool):

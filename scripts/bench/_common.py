@@ -95,7 +95,7 @@ def env_line(env: dict) -> str:
 def table(head, rows) -> str:
     rows = [tuple(str(c) for c in r) for r in rows]
     widths = [max(len(r[i]) for r in rows + [tuple(head)]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
 
 

@@ -35,6 +35,7 @@ that ``model.attention_backend=auto`` picks on this device (``select_backend``).
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 import _common as C
@@ -220,7 +221,7 @@ def bench_case(args, L, bs, backends, device, dtype):
                 _release(device)
                 continue
             row["err_out"] = err(out, ref_out)
-            row["err_grad"] = max(err(x, r) for x, r in zip(grads, ref_grads)) if grads else None
+            row["err_grad"] = max(err(x, r) for x, r in zip(grads, ref_grads, strict=True)) if grads else None
             del out, grads
             row["ok"] = row["err_out"] <= tol and (row["err_grad"] is None or row["err_grad"] <= tol)
         row["fwd_s"] = []
@@ -234,7 +235,7 @@ def bench_case(args, L, bs, backends, device, dtype):
             if row["status"] != "ok":
                 continue
             try:
-                dt = C.timed(lambda: once(fn, backward), device)[0]
+                dt = C.timed(functools.partial(once, fn, backward), device)[0]
             except OOM:
                 row["status"] = f"out of memory ({'fwd+bwd' if backward else 'fwd'} timing)"
                 _release(device)
@@ -280,13 +281,13 @@ def mask_build(args, L, bs, device):
         rows.append(row)
 
         def build(docs):
-            return build_packed_attention_inputs("joint", docs, bs, "flex", compile_mask=backend).block_mask
+            return build_packed_attention_inputs("joint", docs, bs, "flex", compile_mask=backend).block_mask  # noqa: B023 (called within this loop iteration)
         try:
             row["first_s"], masks[label] = C.timed(lambda: build(probe), device)  # compiles, if compiled
             times = []
             for _ in range(args.warmup + args.repeats):
                 docs = documents()
-                times.append(C.timed(lambda: build(docs), device)[0])
+                times.append(C.timed(functools.partial(build, docs), device)[0])
             row["build_s_all"] = times[args.warmup:]
             row["build_s"] = C.median(row["build_s_all"])
         except OOM:

@@ -58,7 +58,8 @@ def write_inputs(folder: Path) -> tuple[Path, Path]:
 
 
 def bench_prepare(inp: Path, out: Path, num_proc: int) -> dict:
-    from nld_train.data.prepare import load_source, parse_args as prep_args, prepare
+    from nld_train.data.prepare import load_source, prepare
+    from nld_train.data.prepare import parse_args as prep_args
     from nld_train.data.tokenizer import DEMO_TOKENIZER
     args = [f"input={inp}", f"output={out}", f"tokenizer={DEMO_TOKENIZER}", f"num_proc={num_proc}", "overwrite=true"]
     load_source(prep_args(args))  # the datasets cache (arrow conversion of the jsonl) is built once, not timed
@@ -71,6 +72,7 @@ def bench_prepare(inp: Path, out: Path, num_proc: int) -> dict:
 
 def bench_loader(recipe: str, run_dir: Path, steps: int, extra: list[str]) -> dict:
     import torch
+
     from nld_train.cli import load_config
     from nld_train.train.trainer import Trainer
     n_fetch = max(20, steps + 1)

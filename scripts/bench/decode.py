@@ -102,7 +102,7 @@ def bench_modes(args, model, tok, b, block, device):
         sec = C.median([x["seconds"] for x in rs])
         rows[mode] = dict(batch=b, mode=mode, seconds=sec, tokens=rs[-1]["tokens"], tokens_per_s=rs[-1]["tokens"] / sec,
                           tpf=rs[-1]["tpf"], nfe=rs[-1]["nfe"], tokens_per_draft=rs[-1]["accepted"],
-                          same_as_ar=(sum(t == a for t, a in zip(texts[mode], texts["ar"])) if "ar" in texts else None))
+                          same_as_ar=(sum(t == a for t, a in zip(texts[mode], texts["ar"], strict=True)) if "ar" in texts else None))
     for row in rows.values():
         row["speed_vs_ar"] = row["tokens_per_s"] / rows["ar"]["tokens_per_s"] if "ar" in rows else None
     return list(rows.values())

@@ -14,6 +14,7 @@ nld-train overrides (e.g. model.num_layers=16). One process works too (nothing i
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import tempfile
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
             for name, tr in trainers.items():  # alternate: the same load for both settings
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                dt, _ = C.timed(lambda: tr.train_step(step), device)
+                dt, _ = C.timed(functools.partial(tr.train_step, step), device)
                 if step >= args.warmup:
                     times[name].append(dt)
                     if device == "cuda":
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
                          "optimizer_step_s": C.median(opt_times[name][args.warmup:]),
                          "peak_mem_gib": peak[name] / 2**30 if device == "cuda" else None}
         a, b = trainers["replicated"], trainers["sharded"]
-        same = torch.tensor([float(all(torch.equal(x, y) for x, y in zip(a.params, b.params)))], device=a.device)
+        same = torch.tensor([float(all(torch.equal(x, y) for x, y in zip(a.params, b.params, strict=True)))], device=a.device)
         dist.all_reduce(same, op=dist.ReduceOp.MIN)
         lay = a.layout
         if lay.rank == 0:

@@ -18,6 +18,7 @@ GPU, none on CPU or an unknown GPU). Extra ``key=value`` arguments are nld-train
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import sys
 import tempfile
@@ -79,7 +80,7 @@ def bench_length(args, L: int, tmp: str) -> dict:
                 tr.objective = objectives[kind]
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                dt, _ = C.timed(lambda: tr.train_step(step), device)
+                dt, _ = C.timed(functools.partial(tr.train_step, step), device)
                 step += 1
                 if i >= args.warmup:
                     times[kind].append(dt)

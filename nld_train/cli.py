@@ -178,10 +178,9 @@ def model_from_checkpoint(node, overrides: list[str], init_source: dict | None =
     padded = src.get("model_shape", {}).get("padded_vocab_size")
     if padded is None or padded_vocab_size(given, run_tp) == padded:
         pass
-    elif group is not None or "make_vocab_size_divisible_by" in named:
-        key = "model.make_vocab_size_divisible_by" if "make_vocab_size_divisible_by" in named else f"model={group}"
-        raise ConfigError(f"{key}: pads the vocabulary to {padded_vocab_size(given, run_tp)} rows at TP={run_tp}, "
-                          f"{where} has {padded}")
+    elif "make_vocab_size_divisible_by" in named:
+        raise ConfigError(f"model.make_vocab_size_divisible_by={given.make_vocab_size_divisible_by} pads the "
+                          f"vocabulary to {padded_vocab_size(given, run_tp)} rows at TP={run_tp}, {where} has {padded}")
     else:
         saved_tp = src.get("tensor_model_parallel_size") or src["config"].get("parallel", {}).get(
             "tensor_model_parallel_size", 1)

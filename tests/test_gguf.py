@@ -47,6 +47,7 @@ def write_gguf(model, tokenizer_json, path):
     w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tj["model"]["merges"]])
     w.add_eos_token_id(added["<|endoftext|>"])
     w.add_bos_token_id(added["<|endoftext|>"])
+    w.add_pad_token_id(added["<|pad|>"])
     sd = {k: v.float().numpy() for k, v in model.state_dict().items()}
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
@@ -112,3 +113,27 @@ def test_a_file_that_is_not_gguf_is_refused(tiny_gguf, dist1, capsys):
     assert main(["from-hf", str(other), str(tiny_gguf["root"] / "o2")]) == 2
     assert "an HF folder or a .gguf file" in capsys.readouterr().err
     assert not (tiny_gguf["root"] / "o1").exists() and not (tiny_gguf["root"] / "o2").exists()
+
+
+def test_a_tokenizer_that_pads_with_eos_gets_its_own_pad_token():
+    """SmolLM2's tokenizer pads with EOS, which training refuses (megatron masks pad positions out of
+    the loss): the converter adds <|nld_pad|>, growing the rows by one (their mean)."""
+    from types import SimpleNamespace
+
+    from nld_train.convert.importer import ADDED_PAD_TOKEN, ensure_pad_token
+    from nld_train.data.tokenizer import MegatronTokenizer, load_tokenizer
+    from tests.conftest import REPO
+    tok = load_tokenizer(REPO / "nld_train" / "assets" / "demo_tokenizer")
+    tok.pad_token = tok.eos_token
+    n = len(tok)
+    cfg = SimpleNamespace(vocab_size=n)
+    sd = {k: torch.randn(n, 4, generator=torch.Generator().manual_seed(i))
+          for i, k in enumerate(("model.embed_tokens.weight", "lm_head.weight"))}
+    before = {k: v.clone() for k, v in sd.items()}
+    assert ensure_pad_token(tok, cfg, sd) == 1
+    assert tok.pad_token == ADDED_PAD_TOKEN and tok.pad_token_id == n == cfg.vocab_size - 1
+    for k, v in sd.items():
+        assert v.shape == (n + 1, 4) and torch.equal(v[:n], before[k])
+        assert torch.allclose(v[n], before[k].mean(0))
+    MegatronTokenizer(tok)   # what training checks
+    assert ensure_pad_token(tok, cfg, sd) == 0 and cfg.vocab_size == n + 1   # a distinct pad stays

@@ -102,6 +102,29 @@ def gguf_to_hf(gguf_file: Path, out_dir: Path) -> None:
         AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(str(out_dir))
 
 
+ADDED_PAD_TOKEN = "<|nld_pad|>"
+
+
+def ensure_pad_token(tok, cfg, sd: dict) -> int:
+    """Training needs a pad token distinct from EOS (megatron fills short samples with it and masks
+    its positions out of the loss, so it must be a token that real text never holds). A tokenizer
+    without one, or one that pads with EOS (SmolLM2), gets a new special token ``<|nld_pad|>``; past
+    the vocabulary, the embedding and output rows grow by one (the mean of the existing rows, as
+    for ``--add-mask-token``). Returns the number of rows added."""
+    if tok is None or (tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id):
+        return 0
+    why = "has no pad token" if tok.pad_token_id is None else f"pads with EOS (id {tok.eos_token_id})"
+    tok.add_special_tokens({"pad_token": ADDED_PAD_TOKEN})
+    grow = max(0, tok.pad_token_id + 1 - cfg.vocab_size)
+    for k in ("model.embed_tokens.weight", "lm_head.weight") if grow else ():
+        w = sd[k]
+        sd[k] = torch.cat([w, w.float().mean(0, keepdim=True).to(w.dtype).expand(grow, -1)], 0)
+    cfg.vocab_size += grow
+    print(f"the tokenizer {why}: added {ADDED_PAD_TOKEN} as its pad token (id {tok.pad_token_id}"
+          + (f", {grow} embedding row(s) added)" if grow else ")"))
+    return grow
+
+
 def from_hf(hf_dir, out_dir, tp: int = 1, mask_token_id: Optional[int] = None, add_mask_token: bool = False) -> Path:
     """Convert the HF folder ``hf_dir`` into ``out_dir`` (see the module doc); returns the step dir.
     ``os.environ`` is left as it was (a 1-process group needs no rendezvous variables)."""
@@ -130,6 +153,7 @@ def _from_hf(hf_dir, out_dir, tp: int, mask_token_id: Optional[int], add_mask_to
         info.update(path=str(hf_dir.resolve()), gguf=True)
     else:
         cfg, sd, tok, info = read_hf_folder(hf_dir, mask_token_id, add_mask_token)
+    info["added_pad_rows"] = ensure_pad_token(tok, cfg, sd)
     mcfg = model_config_from_nld(cfg, name=f"hf_{hf_dir.stem if hf_dir.is_file() else hf_dir.name}")
     for key, n in (("num_attention_heads", mcfg.num_attention_heads), ("num_query_groups", mcfg.num_query_groups),
                    ("ffn_hidden_size", mcfg.ffn_hidden_size)):

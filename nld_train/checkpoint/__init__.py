@@ -13,11 +13,13 @@ point leaves either the previous checkpoint or the new one, never half of one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -347,6 +349,25 @@ def _saved_keys(step_dir) -> set:
     return {v.key for v in load_sharded_metadata(str(step_dir)).values()}
 
 
+# The deprecation notices megatron 0.16's torch_dist load raises through torch.distributed.checkpoint
+# on every load (it still builds ShardedTensors and calls the old load_state_dict): nothing a user
+# can act on. Exactly these are silenced, by category, module and message, around our load only.
+LOAD_WARNINGS = (
+    ("megatron.core.dist_checkpointing.strategies.torch", "`load_state_dict` is deprecated"),
+    ("torch.distributed.checkpoint.planner_helpers", "Please use DTensor instead and we are deprecating ShardedTensor"),
+    ("torch.distributed.checkpoint.default_planner", "Please use DTensor instead and we are deprecating ShardedTensor"),
+)
+
+
+@contextlib.contextmanager
+def quiet_load_warnings():
+    with warnings.catch_warnings():
+        for module, message in LOAD_WARNINGS:
+            warnings.filterwarnings("ignore", message=re.escape(message), category=FutureWarning,
+                                    module=re.escape(module) + "$")
+        yield
+
+
 def load(step_dir, model, optimizer=None, model_shape: Optional[dict] = None, restore_rng: bool = True) -> dict:
     """Collective. Loads weights (and optimizer + RNG unless weights-only); returns the meta dict.
 
@@ -368,8 +389,9 @@ def load(step_dir, model, optimizer=None, model_shape: Optional[dict] = None, re
         _check_mismatch(step_dir, _requested_keys(request) - _saved_keys(step_dir), set(), optimizer is None)
         # RETURN_ALL: keys requested but not saved are dropped from the request and returned
         # (with the saved keys nobody requested), so they are judged below, not by a storage error
-        loaded, ckpt_only, request_only = dist_checkpointing.load(request, str(step_dir),
-                                                                  strict=StrictHandling.RETURN_ALL)
+        with quiet_load_warnings():
+            loaded, ckpt_only, request_only = dist_checkpointing.load(request, str(step_dir),
+                                                                      strict=StrictHandling.RETURN_ALL)
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # say which checkpoint and why, in one line

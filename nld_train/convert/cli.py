@@ -2,7 +2,7 @@
 
     nld-convert to-hf <checkpoint> <out_dir> [--dtype bf16|fp32] [--layout hf|nld]
                       [--family llama|mistral|qwen2|ministral3|...] [--max-shard-size 5GB]
-    nld-convert from-hf <hf_dir> <out_dir> [--tp N] [--mask-token-id N | --add-mask-token]
+    nld-convert from-hf <hf_dir | file.gguf> <out_dir> [--tp N] [--mask-token-id N | --add-mask-token]
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import sys
 import time
 
 from nld_train.checkpoint import run_config
-from nld_train.config import model_config_from_dict
 from nld_train.errors import InputError
 from nld_train.inference.hf_format import EXPORT_FAMILIES
 
@@ -34,8 +33,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="config family for plain transformers (default: the imported model's, else derived "
                         "from the model: qwen2 with q/k/v biases, ministral3 with query scaling, llama otherwise)")
     t.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-    f = sub.add_parser("from-hf", help="an HF Llama/Mistral/Qwen2/Ministral-3 or NLD folder -> an nld-train checkpoint")
-    f.add_argument("hf_dir")
+    f = sub.add_parser("from-hf", help="an HF Llama/Mistral/Qwen2/Ministral-3 or NLD folder, or a GGUF file of "
+                       "one (dequantised to fp32) -> an nld-train checkpoint")
+    f.add_argument("hf_dir", help="an HF folder, or a .gguf file (needs the gguf package: pip install -e '.[gguf]')")
     f.add_argument("out_dir")
     f.add_argument("--tp", type=int, default=1, help="pad the vocabulary for this tensor-parallel size (default 1)")
     g = f.add_mutually_exclusive_group()
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         os.environ.setdefault(k, v)   # conversion never needs a hub
     # lazy (see pyproject.toml): transformers reads the variables above when it is imported
     from nld_train.convert.export import peak_rss_gib, to_hf
-    from nld_train.convert.importer import from_hf, model_overrides
+    from nld_train.convert.importer import from_hf
     t0 = time.time()
     try:
         if args.cmd == "to-hf":
@@ -61,12 +61,11 @@ def main(argv=None) -> int:
         else:
             step = from_hf(args.hf_dir, args.out_dir, tp=args.tp, mask_token_id=args.mask_token_id,
                            add_mask_token=args.add_mask_token)
-            conf = run_config(step)
-            tok = conf["tokenizer"]["path"]
+            # the model (and the tokenizer saved with it) come with checkpoint.init_from
+            tok = run_config(step)["tokenizer"]["path"]
             print("train from it with:\n  nld-train recipe=<recipe> checkpoint.init_from=" + args.out_dir
-                  + (f" tokenizer.path={tok}" if tok else " tokenizer.path=<a tokenizer with the mask token>")
-                  + f" parallel.tensor_model_parallel_size={args.tp} "
-                  + model_overrides(model_config_from_dict(conf["model"])))
+                  + " data.path=<your data>" + ("" if tok else " tokenizer.path=<a tokenizer with the mask token>")
+                  + (f" parallel.tensor_model_parallel_size={args.tp}" if args.tp > 1 else ""))
     except InputError as e:
         print(f"nld-convert: error: {e}", file=sys.stderr)
         return 2

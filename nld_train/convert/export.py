@@ -260,6 +260,14 @@ def to_hf(checkpoint, out_dir, dtype: Optional[str] = None, layout: str = "hf", 
                                "AutoModel": "modeling_nemotron_labs_diffusion.NemotronLabsDiffusionModel"},
                      dlm_paradigm="bidirectional", dlm_loss_weight=o.get("alpha"), ar_loss_weight=o.get("ar_weight", 1.0),
                      dp_varying_mask_ratio=False, use_cache=False)
+            # the public attention reads both keys for every model: without query scaling, beta 0
+            # makes its scale exactly 1 (and the importer reads beta 0 back as no scaling)
+            rp = d["rope_parameters"]
+            rp.setdefault("llama_4_scaling_beta", 0.0)
+            rp.setdefault("original_max_position_embeddings", d["max_position_embeddings"])
+            if not rp["original_max_position_embeddings"] > 0:
+                raise InputError("--layout nld: rope_parameters.original_max_position_embeddings must be > 0 "
+                                 f"(model.max_position_embeddings={d['max_position_embeddings']})")
         (tmp / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
         gen = {"bos_token_id": bos, "eos_token_id": cfg.eos_token_id, "pad_token_id": pad, "do_sample": False}
         (tmp / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None},

@@ -41,7 +41,10 @@ def load_tokenizer(path: str | os.PathLike) -> "PreTrainedTokenizerFast":
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        # never run (nor ask about) a folder's remote code: a tokenizer needs none, and an export in
+        # the public NLD layout names remote-code files in its config.json that it does not ship;
+        # left unset, transformers would prompt on stdin (waiting ~15 s when nobody answers)
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception as err:  # transformers raises OSError/ValueError/KeyError depending on the damage
         raise DataError(f"cannot load the tokenizer in {str(path)!r}: {err}") from err
 

@@ -251,9 +251,10 @@ class DecodingMixin:
 
         Per block: [AR seed, MASK x (B-1)] (all MASK without ``causal_context``); denoise passes
         (bidirectional over the cache, cache untouched) commit tokens per ``policy`` (default: the
-        threshold rule, or HF's even split when ``threshold=None``) until no mask is left or the row
-        wrote an EOS with no mask before it; then one causal KV-write pass whose last logit seeds the
-        next block. NFE counts denoise and KV-write passes, not the prefill.
+        threshold rule, or HF's even split when ``threshold=None``) until no mask is left or, after a
+        pass, the row holds an EOS with no mask before it (an EOS seed still gets one pass, as in the
+        public code); then one causal KV-write pass whose last logit seeds the next block. NFE counts
+        denoise and KV-write passes, not the prefill.
 
         ``sampler`` (a learned sampler or its folder, docs/addons.md): commit where the sampler's
         score is >= ``threshold`` (at least one position per pass) instead of the LM's confidence.
@@ -290,7 +291,10 @@ class DecodingMixin:
             active = ~finished
             step = 0
             while True:
-                if eos is not None:  # stop a row once it holds an EOS with no mask before it
+                # stop a row once a pass has left it with an EOS and no mask before it. Checked after
+                # a pass, as the public code does: a block whose AR seed is already EOS still gets
+                # one denoise pass (NFE 2 with the KV-write), so TPF compares with published numbers
+                if eos is not None and step > 0:
                     is_eos = block == eos
                     first = torch.where(is_eos, j, block_length).min(1).values
                     mask_before = ((block == mask_id) & (j < first[:, None])).any(1)

@@ -109,7 +109,9 @@ def _rope(d: dict):
     kind = rp.get("rope_type") or rp.get("type") or "default"
     if float(rp.get("partial_rotary_factor", 1.0)) != 1.0:
         _refuse("rope_parameters.partial_rotary_factor", "partial rotary embeddings are not supported")
-    beta = rp.get("llama_4_scaling_beta")
+    # beta 0 (what --layout nld writes for a model without query scaling: the public attention reads
+    # the key for every model) is a scale of exactly 1, i.e. no query scaling
+    beta = float(rp.get("llama_4_scaling_beta") or 0.0) or None
     if kind == "default":
         scaling = None
     elif kind == "yarn":
@@ -134,7 +136,7 @@ def _rope(d: dict):
         _refuse("rope_parameters.rope_type", f"{kind!r} is not supported (only 'default' and 'yarn')")
     if beta and (scaling is None):
         _refuse("rope_parameters.llama_4_scaling_beta", "query scaling needs YaRN's original_max_position_embeddings")
-    return theta, scaling, (float(beta) if beta else None)
+    return theta, scaling, beta
 
 
 def first_id(x):

@@ -24,7 +24,8 @@ from nld_train.config import (
     validate,
 )
 from nld_train.errors import InputError
-from nld_train.eval.settings import from_eval_config, validate_settings
+from nld_train.eval.settings import TASK_NAMES, from_eval_config, validate_settings
+from nld_train.eval.tasks import get_task
 
 USAGE = """usage: nld-train recipe=<name> [group=option ...] [key=value ...]
 
@@ -59,11 +60,17 @@ def _register() -> None:
         # the packaged demo assets (tokenizer) and the demo corpus, built on first use
         OmegaConf.register_new_resolver("nld_asset", lambda name: str(Path(__file__).parent / "assets" / name))
         OmegaConf.register_new_resolver("nld_demo_corpus", _demo_corpus)
+        OmegaConf.register_new_resolver("nld_demo_math_corpus", _demo_math_corpus)
 
 
 def _demo_corpus() -> str:
     from nld_train.data.demo_corpus import ensure_demo_corpus  # lazy: megatron (see pyproject.toml)
     return ensure_demo_corpus()
+
+
+def _demo_math_corpus() -> str:
+    from nld_train.data.demo_corpus import ensure_math_corpus  # lazy: megatron (see pyproject.toml)
+    return ensure_math_corpus()
 
 
 class UsageError(ValueError):
@@ -208,6 +215,8 @@ def load_config(overrides: list[str], world_size: int | None = None, init_source
         world = cfg.nodes * cfg.gpus_per_node
     validate(cfg, world)
     validate_settings(from_eval_config(cfg.eval), prefix="eval.")
+    if cfg.train.decode_task is not None and cfg.train.decode_task not in TASK_NAMES:
+        raise ConfigError(f"train.decode_task: unknown task {cfg.train.decode_task!r} (known: {', '.join(TASK_NAMES)})")
     # the objective checks what depends on it (an unknown objective.name too); it imports torch
     # (lazy, see pyproject.toml), so it comes after everything that can fail without
     from nld_train.objective import objective_from_config
@@ -365,13 +374,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def end_of_run_decoding(trainer) -> None:
-    """A greedy AR sample (``train.sample_tokens``) and a table of all four decoding modes
-    (``train.decode_prompts``), with the inference submodule's decoders over the trained weights
-    (rank 0; the decoder holds the whole model, so TP > 1 runs skip it)."""
+    """A greedy AR sample (``train.sample_tokens``) and a table of every decoding mode over
+    ``train.decode_prompts`` or the first problems of ``train.decode_task`` (then with accuracy),
+    with the inference submodule's decoders over the trained weights (rank 0; the decoder holds the
+    whole model, so TP > 1 runs skip it)."""
     from nld_train.inference import from_megatron
     from nld_train.inference.table import decode_table, encode_batch
     cfg, t = trainer.cfg, trainer.cfg.train
-    if not (t.sample_tokens > 0 or t.decode_prompts) or not trainer.rank0:
+    if not (t.sample_tokens > 0 or t.decode_prompts or t.decode_task) or not trainer.rank0:
         return
     if trainer.layout.tp > 1:
         trainer.log("end-of-run decoding skipped at TP > 1: decode the checkpoint with nld-generate instead")
@@ -384,9 +394,24 @@ def end_of_run_decoding(trainer) -> None:
         out, _ = dec.ar_generate(ids, t.sample_tokens, attention_mask=mask)
         text = tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
         trainer.log(f"--- AR sample (greedy, {t.sample_tokens} tokens) ---\n{t.sample_prompt}{text}\n---")
+    table = dict(max_new_tokens=t.decode_tokens, block_length=cfg.objective.block_size,
+                 thresholds=list(t.decode_thresholds), batch_size=t.decode_batch_size, repeats=t.decode_repeats)
     if t.decode_prompts:
-        trainer.log(decode_table(dec, tok, list(t.decode_prompts), max_new_tokens=t.decode_tokens,
-                                 block_length=cfg.objective.block_size, thresholds=list(t.decode_thresholds)))
+        trainer.log(decode_table(dec, tok, list(t.decode_prompts), **table))
+    if t.decode_task:
+        prompts, check = task_prompts(t.decode_task, t.decode_task_limit)
+        trainer.log(f"--- {t.decode_task}: the first {len(prompts)} problems, as nld-eval scores them ---")
+        # as nld-eval encodes them: with the tokenizer's special tokens (demo_math: the document separator)
+        trainer.log(decode_table(dec, tok, prompts, check=check, add_special_tokens=True, **table))
+
+
+def task_prompts(name: str, limit: int):
+    """The zero-shot prompts of an nld-eval task's first ``limit`` samples and ``check(i, text)``."""
+    task = get_task(name)
+    samples = task.samples()[:limit]
+    prompts = [task.fewshot_prompt(s, 0) for s in samples]
+    return [p.text for p in prompts], \
+        lambda i, text: bool(task.check(samples[i], text, "fewshot", prompts[i], None)["correct"])
 
 
 if __name__ == "__main__":

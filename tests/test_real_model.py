@@ -86,8 +86,10 @@ def test_stage2_from_the_converted_model_then_export(smol):
     (text / "a.txt").write_text("\n\n".join(["To be, or not to be, that is the question: whether 'tis nobler in "
                                              "the mind to suffer the slings and arrows of outrageous fortune."] * 64))
     from nld_train.data.prepare import main as prepare
+    # num_proc=1: in this process (torch, transformers and tokenizer threads alive) a fork pool can
+    # deadlock in a child (seen once: a worker stuck on a futex); the CLI forks from a fresh process
     assert prepare([f"input={text}", f"output={smol['root'] / 'data' / 'c'}", f"tokenizer={smol['nld'] / 'tokenizer'}",
-                    "text_sample_by=paragraph"]) == 0
+                    "text_sample_by=paragraph", "num_proc=1"]) == 0
     run = smol["root"] / "run"
     r = run_cli(["recipe=stage2", f"checkpoint.init_from={smol['nld']}", f"data.path={smol['root'] / 'data' / 'c'}",
                  "data.split='100,0,0'", "parallel=single", "train.precision=fp32", "train.seq_length=64",
@@ -120,7 +122,7 @@ def test_sft_on_chat_data_with_the_models_own_chat_template(smol):
             f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
                                              {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}) + "\n")
     prefix = smol["root"] / "sft" / "chats"
-    assert prepare([f"input={chats}", f"output={prefix}", f"tokenizer={smol['nld'] / 'tokenizer'}"]) == 0
+    assert prepare([f"input={chats}", f"output={prefix}", f"tokenizer={smol['nld'] / 'tokenizer'}", "num_proc=1"]) == 0
     (manifest,) = [m for p in prefix.parent.glob("*.json") if (m := json.loads(p.read_text())).get("kind") == "manifest"]
     assert "<|im_start|>" in manifest["chat_template"] and "SmolLM" in manifest["chat_template"]   # the model's own
     answers, tokens = manifest["loss_tokens"], sum(s["tokens"] for s in manifest["shards"])

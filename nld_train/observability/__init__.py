@@ -117,11 +117,6 @@ def peak_tflops_for(device_name: str) -> tuple[Optional[float], str]:
     return None, f"{device_name!r} is not in the peak table (nld_train.observability.PEAK_BF16_TFLOPS)"
 
 
-def gpu_peak_flops() -> Optional[float]:
-    """Dense bf16 peak FLOP/s of the current CUDA device; None without CUDA or for an unknown GPU."""
-    return detect_peak_flops()[0]
-
-
 def detect_peak_flops() -> tuple[Optional[float], str]:
     import torch
     if not torch.cuda.is_available():

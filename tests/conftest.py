@@ -114,3 +114,17 @@ def run_cli(args, env=None, timeout=600, nproc=None):
     cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
             "-m", "nld_train.cli"] if nproc else [sys.executable, "-m", "nld_train.cli"]) + list(args)
     return run_group(cmd, timeout, cwd=REPO, env=child_env(env))
+
+
+def proc_stats() -> dict:
+    """pid -> the fields of /proc/<pid>/stat after "pid (comm) " (state, ppid, pgrp, ...), for the
+    tests that look for processes a killed command left behind (Linux)."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            out[int(d)] = stat[stat.rindex(")") + 2:].split()
+    return out

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from nld_train.eval.sandbox import SandboxLimits, isolation, run_python
+from tests.conftest import proc_stats
 
 FAST = SandboxLimits(timeout_s=3, cpu_s=3, memory_mb=512)
 ROOT = os.geteuid() == 0
@@ -115,13 +116,8 @@ def test_output_flood_is_capped():
 
 def _descendants(pid: int) -> set[int]:
     children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = Path(f"/proc/{d}/stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(d))
+    for child, f in proc_stats().items():
+        children.setdefault(int(f[1]), []).append(child)
     out, todo = set(), [pid]
     while todo:
         for c in children.get(todo.pop(), []):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, child_env
+from tests.conftest import REPO, child_env, proc_stats
 from tests.test_robustness import Cli
 from tests.test_trainer import make_trainer
 
@@ -138,17 +138,7 @@ def test_cfg_errors_name_the_problem(capsys, args, needle):
 # -- 5. no helper process outlives a killed run ---------------------------------------------------
 def _group(pgid: int) -> list[int]:
     """Live (non-zombie) processes of process group pgid."""
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = Path(f"/proc/{d}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                out.append(int(d))
-    return out
+    return [pid for pid, f in proc_stats().items() if int(f[2]) == pgid and f[0] != "Z"]
 
 
 def _cmdline(pid: int) -> str:

@@ -405,6 +405,12 @@ def end_of_run_decoding(trainer) -> None:
         trainer.log(decode_table(dec, tok, prompts, check=check, add_special_tokens=True, **table))
 
 
+def generate_main(argv=None) -> int:
+    """``nld-generate`` (:mod:`nld_train.inference.cli`) with nld-eval's tasks for ``task=``."""
+    from nld_train.inference import cli as generate_cli
+    return generate_cli.main(argv, task_prompts=task_prompts)
+
+
 def task_prompts(name: str, limit: int):
     """The zero-shot prompts of an nld-eval task's first ``limit`` samples and ``check(i, text)``."""
     task = get_task(name)

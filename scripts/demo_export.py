@@ -1,6 +1,10 @@
 """End of `make demo`: load the `nld-convert to-hf` export with transformers, twice, and check it.
 
     python scripts/demo_export.py <hf_dir> <checkpoint> [prompt ...]
+    python scripts/demo_export.py <hf_dir> <checkpoint> --task demo_math:2
+
+``--task <name>:<n>`` takes the first n prompts of an nld-eval task, encoded as nld-eval encodes
+them (with the tokenizer's special tokens); plain prompts are encoded without.
 
 Loads the folder as a plain causal LM (no remote code) and with ``trust_remote_code=True``, and
 checks, per prompt, that greedy AR output of both equals nld-train's own inference on the training
@@ -20,7 +24,15 @@ def main(argv) -> int:
 
     from nld_train.inference import load_model
     hf_dir, ckpt, prompts = argv[0], argv[1], argv[2:] or ["ROMEO:", "JULIET:"]
-    n = 48
+    specials = False
+    if prompts[0] == "--task":
+        from nld_train.cli import task_prompts
+        if len(prompts) != 2 or ":" not in prompts[1]:
+            raise SystemExit("usage: demo_export.py <hf_dir> <checkpoint> --task <name>:<n>")
+        name, count = prompts[1].rsplit(":", 1)
+        prompts, _ = task_prompts(name, int(count))
+        specials = True
+    n = 96 if specials else 48          # a whole worked answer (<= 75 tokens) / a Shakespeare line
     tok = AutoTokenizer.from_pretrained(hf_dir)
     plain = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     remote = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True).eval()
@@ -28,7 +40,7 @@ def main(argv) -> int:
     print(f"loaded {hf_dir}: plain {type(plain).__name__}, remote code {type(remote).__name__}")
     ok = True
     for p in prompts:
-        ids = torch.tensor([tok.encode(p, add_special_tokens=False)])
+        ids = torch.tensor([tok.encode(p, add_special_tokens=specials)])
         want, _ = ref.ar_generate(ids, n)
         got_remote, _ = remote.ar_generate(ids, n)
         with torch.no_grad():
@@ -43,7 +55,7 @@ def main(argv) -> int:
         print("   ", repr(tok.decode(want[0, ids.shape[1]:], skip_special_tokens=True)))
         for mode in ("generate", "linear_spec_generate", "quadratic_spec_generate"):
             t0 = time.time()
-            out, nfe = getattr(remote, mode)(ids, 64)
+            out, nfe = getattr(remote, mode)(ids, 96 if specials else 64)
             print(f"    remote {mode}: {out.shape[1] - ids.shape[1]} tokens, nfe {nfe}, {time.time() - t0:.2f}s")
     print("export check:", "OK" if ok else "MISMATCH")
     return 0 if ok else 1

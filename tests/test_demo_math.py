@@ -10,7 +10,7 @@ from nld_train.data import demo_math as M
 from nld_train.inference.table import decode_table, timing_order
 from tests.test_inference_invariants import random_model
 
-STEP = re.compile(r"(\d+)([+-])(\d+)=(\d+)\.")
+STEP = re.compile(r"(First|Next|Then) (\d+)([+-])(\d+)=(\d+)\.")
 
 
 def test_generator_is_a_pure_function_of_split_n_and_seed():
@@ -20,8 +20,8 @@ def test_generator_is_a_pure_function_of_split_n_and_seed():
     assert a != M.problems("train", 300, seed=1)
     # pinned: a changed generator must bump GENERATOR_VERSION (the corpus cache is keyed on it)
     assert M.problems("heldout", 1)[0].text == (
-        "Q: Ann has 20 eggs. Ann buys 6, sells 2 and wins 7. How many eggs now?\n"
-        "A: 20+6=26. 26-2=24. 24+7=31. The answer is 31.\n")
+        "Q: Gus has 11 keys. First Gus gets 5. Next Gus buys 4. How many keys now?\n"
+        "A: Gus has 11. First 11+5=16. Next 16+4=20. The answer is 20.\n")
     with pytest.raises(ValueError, match="split"):
         M.problems("test", 1)
 
@@ -36,18 +36,27 @@ def test_held_out_questions_never_occur_in_training():
     assert not {p.question for p in held} & {p.question for p in M.problems("train", 5000, seed=7)}
 
 
-def test_worked_solutions_are_exact():
+def test_worked_solutions_are_exact_and_of_fixed_layout():
+    lengths = {}
     for p in M.problems("train", 2000) + M.problems("heldout", 200):
         steps = STEP.findall(p.solution)
         assert len(steps) in M.STEPS and p.solution.endswith(f" The answer is {p.answer}.\n")
-        value = int(re.search(r"has (\d+) ", p.question).group(1))
-        for a, op, d, c in steps:
-            assert int(a) == value and 0 <= int(c) <= M.MAX_VALUE
+        name, value = re.match(r"Q: (\w+) has (\d+) ", p.question).groups()
+        value = int(value)
+        assert p.solution.startswith(f"A: {name} has {value}. First ")
+        for (marker, a, op, d, c), want in zip(steps, M.MARKERS[:len(steps)], strict=True):
+            assert marker == want and f" {marker} {name} " in p.question
+            assert int(a) == value and M.MIN_VALUE <= int(c) <= M.MAX_VALUE
             value = int(a) + int(d) if op == "+" else int(a) - int(d)
             assert value == int(c)
         assert value == p.answer
         assert p.prompt + p.completion == p.text
         assert set(p.text) <= set(M.ALPHABET)
+        # the answer's layout depends on the number of steps only: every character's position is
+        # known before the digits are (what lets block diffusion commit the template in parallel)
+        layout = re.sub(r"\d", "0", re.sub(r"^ \w+", " Xxx", p.completion)).replace("-", "+")
+        assert lengths.setdefault(len(steps), layout) == layout
+    assert len(lengths) == len(M.STEPS)
 
 
 def test_answer_checking():
@@ -164,14 +173,19 @@ def test_table_accuracy_column_and_measurement_order(monkeypatch):
                          sol=True, check=lambda i, text: text == ar_text[i], batch_size=2, repeats=2,
                          add_special_tokens=True)
     lines = table.splitlines()
-    assert lines[1].split() == ["mode", "TPF", "tok/draft", "NFE", "tokens/s", "text", "==", "AR", "accuracy"]
+    assert lines[1].split() == ["mode", "TPF", "TPF/SOL", "tok/draft", "NFE", "tokens/s", "text", "==", "AR",
+                                "accuracy"]
     rows = {ln.split()[0]: ln.split() for ln in lines[3:] if ln.split() and ln.split()[0] in
             ("ar", "diffusion@0.9", "diffusion@0.5", "linear_spec", "quadratic_spec")}
     assert len(rows) == 5
     for key in ("ar", "linear_spec", "quadratic_spec"):
-        assert rows[key][5:7] == ["5/5", "5/5"], rows[key]
+        assert rows[key][6:8] == ["5/5", "5/5"], rows[key]
     for key in ("diffusion@0.9", "diffusion@0.5"):
-        assert rows[key][5].split("/")[0] == rows[key][6].split("/")[0]
+        assert rows[key][6].split("/")[0] == rows[key][7].split("/")[0]
+    sol = next(ln.split() for ln in lines if ln.startswith("SOL oracle"))
+    assert sol[3] == "1.00"
+    for r in rows.values():     # TPF/SOL is the row's TPF over the SOL row's
+        assert abs(float(r[2]) - float(r[1]) / float(sol[2])) < 0.01
     assert "SOL oracle" in table and "median of 2 timed decodes" in table
     keys = ["ar", "diffusion@0.9", "diffusion@0.5", "linear_spec", "quadratic_spec"]
     thr = {"ar": 0.9, "diffusion@0.9": 0.9, "diffusion@0.5": 0.5, "linear_spec": 0.9, "quadratic_spec": 0.9}
@@ -180,3 +194,16 @@ def test_table_accuracy_column_and_measurement_order(monkeypatch):
     assert calls == measured + timed
     with pytest.raises(ValueError, match="repeats"):
         decode_table(model, tok, prompts, max_new_tokens=16, block_length=8, repeats=-1)
+
+
+def test_addon_windows_refuse_data_of_another_vocabulary(tmp_path):
+    """An add-on (sampler, LoRA drafter) reading data tokenised for another model gets an error
+    naming the data and the base model's vocabulary, not an embedding IndexError mid-run."""
+    from nld_train.addons.text import token_windows
+    from nld_train.data.demo_corpus import ensure_math_corpus
+    from nld_train.errors import DataError
+    prefix = ensure_math_corpus(tmp_path, n=40)
+    w = token_windows(prefix, 4, 16, seed=0, holdout_fraction=0.25, holdout=False, vocab_size=128)
+    assert w.shape == (4, 16) and int(w.max()) < 128
+    with pytest.raises(DataError, match=r"outside the base model's vocabulary \(40 ids\).*data=demo_math"):
+        token_windows(prefix, 4, 16, seed=0, holdout_fraction=0.25, holdout=False, vocab_size=40)

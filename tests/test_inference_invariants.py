@@ -209,7 +209,11 @@ def test_cli_generate_and_table(trained, capsys):
     # threshold 1.0 commits exactly one token per denoise pass: TPF 1.00 (block-1 denoise + 1 KV write)
     assert [ln.split()[1] for ln in table.splitlines() if ln.startswith("diffusion@1 ")] == ["1.00"]
     spec_rows = [ln for ln in table.splitlines() if ln.startswith(("linear_spec", "quadratic_spec"))]
-    assert len(spec_rows) == 2 and all(ln.rstrip().endswith("1/1") for ln in spec_rows)
+    assert len(spec_rows) == 2 and all(ln.split()[-2] == "1/1" for ln in spec_rows)
+    # free text: the last column is the AR model's NLL per token of each mode's text; greedy
+    # self-speculation wrote AR's text, so it reads the same
+    ar_nll = next(ln.split()[-1] for ln in table.splitlines() if ln.startswith("ar "))
+    assert "AR NLL/tok" in table and all(ln.split()[-1] == ar_nll for ln in spec_rows)
     # draft_threshold reaches the linear drafter: 1.0 fills the draft one token per pass (more
     # forwards) and, being greedy self-speculation, still prints AR's text
     runs = {}
@@ -242,3 +246,41 @@ def test_eos_seed_block_counts_one_denoise_pass():
         out, nfe = model.generate(ids, 8, block_length=8, threshold=threshold, eos_token_id=seed_tok)
         assert out[0, ids.shape[1]:].tolist() == [seed_tok] and nfe == 2, (threshold, out, nfe)
         assert model.last_stats.nfe_per_row == [2] and model.last_stats.tpf == 0.5
+
+
+def test_generate_task_table_in_both_orders(trained, capsys):
+    """nld-generate mode=all task=demo_math: the task's prompts with an accuracy column; the same
+    rows whichever order the modes run in (order=reversed), and a clear error without the entry
+    point that supplies the tasks or for a bad order."""
+    from nld_train.cli import generate_main
+    from nld_train.inference.cli import main
+    tr, _ = trained
+    args = [f"checkpoint={tr.cfg.run.dir}", "mode=all", "task=demo_math", "limit=3", "batch_size=2",
+            "max_new_tokens=16", "block_length=8", "dtype=float64", "repeats=1"]
+    tables = []
+    for order in ("registry", "reversed"):
+        assert generate_main(args + [f"order={order}"]) == 0
+        out = capsys.readouterr().out
+        assert "decoding 3 prompts" in out and "accuracy" in out
+        rows = [ln.split() for ln in out.splitlines()
+                if ln.split() and ln.split()[0] in ("ar", "diffusion@0.9", "linear_spec", "quadratic_spec")]
+        tables.append([r[:4] + r[5:] for r in rows])        # every column but tokens/s
+    assert tables[0] == tables[1] and [r[0] for r in tables[0]][0] == "ar"
+    assert main(args) == 2 and "entry point" in capsys.readouterr().err
+    assert generate_main(args + ["order=random"]) == 2
+
+
+def test_continuation_nll_equals_token_by_token_reading():
+    """The table's free-text quality figure: one causal pass over prompt + continuation gives the
+    same Σ -log p as feeding the tokens one at a time through the KV cache."""
+    from nld_train.inference.table import continuation_nll
+    model = random_model(2)
+    prompt, gen = [3, 4, 5], [7, 1, 9, 9, 2]
+    cache = model.new_cache(1, len(prompt) + len(gen))
+    logits = model.causal_pass(torch.tensor([prompt]), cache, logits_to_keep=1)
+    want = 0.0
+    for t in gen:
+        want -= float(torch.log_softmax(logits[0, -1].double(), -1)[t])
+        logits = model.causal_pass(torch.tensor([[t]]), cache, logits_to_keep=1)
+    assert abs(continuation_nll(model, prompt, gen) - want) < 1e-6 * max(1.0, abs(want))
+    assert continuation_nll(model, prompt, []) == 0.0

@@ -134,7 +134,7 @@ def test_nld_generate_takes_the_toy_mode(toy_run, capsys):
     table = capsys.readouterr().out
     assert "; toy@t = confidence threshold t)" in table
     toy_rows = [ln.split() for ln in table.splitlines() if ln.startswith("toy@")]
-    assert [r[0] for r in toy_rows] == ["toy@0.9", "toy@0.7"] and all(r[-1] == "1/1" for r in toy_rows)
+    assert [r[0] for r in toy_rows] == ["toy@0.9", "toy@0.7"] and all(r[-2] == "1/1" for r in toy_rows)
     assert main(["help"]) == 0
     assert "mode=ar|diffusion|linear_spec|quadratic_spec|toy|all" in capsys.readouterr().out
 

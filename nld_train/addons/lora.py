@@ -97,7 +97,7 @@ def generate_responses(cfg, model, data_dir, log=print) -> Path:
     tmp = atomic.begin(out)  # a leftover of an interrupted run is removed
     t0 = time.time()
     prompts = token_windows(cfg.data.path, lo.num_sequences, lo.prompt_length, cfg.train.seed + 17,
-                            a.holdout_fraction, holdout=False)
+                            a.holdout_fraction, holdout=False, vocab_size=model.config.vocab_size)
     seqs = []
     for i in range(0, len(prompts), a.gen_batch_size):
         o, _ = model.ar_generate(prompts[i:i + a.gen_batch_size], lo.response_length, eos_token_id=-1)

@@ -77,7 +77,7 @@ def measure(model, prompts: torch.Tensor, samplers, loras, thresholds, max_new_t
                               block_length=block_length, threshold=thr, sampler=s)
             res["diffusion"].append(row(kind, name, thr, out, st))
             print(f"  {res['diffusion'][-1]}", file=sys.stderr, flush=True)
-    sol = sol_tpf(model, prompts, max_new_tokens, block_length)
+    sol = sol_tpf(model, prompts, max_new_tokens, block_length, eos_token_id=-1)   # as the rows above
     res["sol"] = {"tpf": sol.tpf, "tokens_per_pass": sol.mean_accepted}
     for name, path in [("none", None)] + list(loras):
         ad = load_adapter(path, model.device) if path else None
@@ -124,7 +124,8 @@ def main(argv=None) -> int:
     step = resolve_checkpoint(a["checkpoint"])
     data_path = run_config(step)["data"]["path"]
     model = load_model(a["checkpoint"])
-    prompts = token_windows(data_path, a["n"], a["prompt_length"], a["seed"], a["holdout_fraction"], holdout=True)
+    prompts = token_windows(data_path, a["n"], a["prompt_length"], a["seed"], a["holdout_fraction"], holdout=True,
+                            vocab_size=model.config.vocab_size)
     res = measure(model, prompts, _named(a["samplers"]), _named(a["loras"]),
                   [float(x) for x in a["thresholds"].split(",")], a["max_new_tokens"], a["block_length"], a["batch_size"])
     res["checkpoint"] = str(a["checkpoint"])

@@ -124,7 +124,8 @@ def generate_sampler_data(cfg, model, data_dir, log=print) -> Path:
     tmp = atomic.begin(out)  # a leftover of an interrupted run is removed
     t0 = time.time()
     windows = token_windows(cfg.data.path, s.num_sequences, s.prompt_length + s.num_blocks * s.block_length,
-                            cfg.train.seed, a.holdout_fraction, holdout=False)
+                            cfg.train.seed, a.holdout_fraction, holdout=False,
+                            vocab_size=model.config.vocab_size)
     n_examples = 0
     for shard, i in enumerate(range(0, len(windows), a.gen_batch_size)):
         rec = record_denoising(model, windows[i:i + a.gen_batch_size], s.prompt_length, s.num_blocks,

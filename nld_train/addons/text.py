@@ -13,8 +13,10 @@ from nld_train.data import parse_data_path, validate_indexed_prefix
 from nld_train.errors import DataError
 
 
-def token_windows(data_path, n: int, length: int, seed: int, holdout_fraction: float, holdout: bool) -> torch.Tensor:
-    """``n`` windows of ``length`` tokens ``[n, length]`` at seeded random offsets of the chosen documents."""
+def token_windows(data_path, n: int, length: int, seed: int, holdout_fraction: float, holdout: bool,
+                  vocab_size: int | None = None) -> torch.Tensor:
+    """``n`` windows of ``length`` tokens ``[n, length]`` at seeded random offsets of the chosen documents.
+    With ``vocab_size`` (the base model's), data tokenised for another vocabulary is refused."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     prefixes, _ = parse_data_path(data_path)
@@ -35,4 +37,8 @@ def token_windows(data_path, n: int, length: int, seed: int, holdout_fraction: f
     sizes = np.array([len(d) - length + 1 for d in docs], dtype=np.float64)
     which = rng.choice(len(docs), size=n, p=sizes / sizes.sum())
     out = np.stack([docs[w][(o := rng.integers(0, len(docs[w]) - length + 1)): o + length] for w in which])
+    if vocab_size is not None and out.size and int(out.max()) >= vocab_size:
+        raise DataError(f"{data_path}: token id {int(out.max())} is outside the base model's vocabulary "
+                        f"({vocab_size} ids): the add-on must read data tokenised for its base model "
+                        f"(set data.path, or the data group the base model was trained on, e.g. data=demo_math)")
     return torch.from_numpy(out.astype(np.int64))

@@ -1,19 +1,28 @@
 """The arithmetic demo domain: seeded multi-step word problems with worked, exactly checkable answers,
 and the fixed character vocabulary they are tokenised with.
 
-    Q: Ivy has 14 pens. Ivy finds 7, loses 5 and buys 3. How many pens now?
-    A: 14+7=21. 21-5=16. 16+3=19. The answer is 19.
+    Q: Ivy has 14 pens. First Ivy finds 7. Next Ivy loses 5. Then Ivy buys 3. How many pens now?
+    A: Ivy has 14. First 14+7=21. Next 21-5=16. Then 16+3=19. The answer is 19.
 
 A problem is a pure function of (split, seed, index), so the corpus, the held-out problems and every
 accuracy figure are reproducible on any machine without a download. Which split a problem belongs to
 is decided by a hash of its question (bucket 0 of 10 is held out), so no held-out question can occur
 in the training corpus, whatever seeds and sizes are used.
 
-The numbers are kept small (start 2..30, steps of 1..9, every intermediate 0..60) and each step is
-written out, so that the tiny demo model can get the arithmetic right after a few hundred steps: the
-demo must show accuracy beside speed (issue 19). Characters, not BPE pieces, are the tokens: every
-digit is its own prediction, and the template text between numbers is what block diffusion can
-commit many positions of at once.
+The format is chosen, by measurement, for a tiny model trained for minutes on a CPU (issue 19:
+accuracy beside speed); docs/recipes.md has the numbers:
+- the numbers are small (start 10..39, steps of 1..9, every value 10..60) and each step is written
+  out, so the arithmetic is a small table;
+- every number the worked answer needs is found by matching text, not by counting: the answer
+  opens by copying the question's first clause (``Ivy has 14``) and each action sentence starts
+  with its own marker word (First / Next / Then) that the worked step repeats. Without these
+  (generator version 1) most errors of a 600-step model were a number copied from the wrong
+  sentence;
+- every value has two digits and every step one, and names have three letters, so the position of
+  every character of the answer is known before any digit is: block diffusion can commit the
+  template and the copied operands of a block in its first passes and leave the computed digits
+  for later ones.
+Characters, not BPE pieces, are the tokens: every digit is its own prediction.
 
 Standard library only; :func:`build_tokenizer` imports ``tokenizers`` when called.
 """
@@ -27,16 +36,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Bump when the problem distribution or the text format changes: the corpus cache name includes it.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 
-NAMES = ("Ann", "Ben", "Cal", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kim", "Lee")
+NAMES = ("Ann", "Ben", "Cal", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Joe", "Kim", "Lee")
 ITEMS = ("apples", "pens", "cards", "books", "coins", "shells", "stamps", "eggs", "cups", "keys")
 ADD_VERBS = ("gets", "finds", "buys", "wins")
 SUB_VERBS = ("loses", "sells", "gives away", "uses")
-START_RANGE = (2, 30)
+START_RANGE = (10, 39)
 DELTA_RANGE = (1, 9)
-MAX_VALUE = 60
+MIN_VALUE, MAX_VALUE = 10, 60
 STEPS = (2, 3)
+MARKERS = ("First", "Next", "Then")     # one per step, in the question and in the worked answer
 
 HELD_OUT_BUCKETS = 10     # a question is held out when its hash falls into bucket 0 of these
 ANSWER_RE = re.compile(r"The answer is (-?\d+)\.")
@@ -77,22 +87,21 @@ def is_held_out(question: str) -> bool:
 def _draw(rng: random.Random) -> Problem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     value = rng.randint(*START_RANGE)
-    start, verbs, lines = value, [], []
-    for _ in range(rng.choice(STEPS)):
+    start, acts, lines = value, [], []
+    for marker in MARKERS[:rng.choice(STEPS)]:
         d = rng.randint(*DELTA_RANGE)
-        # subtract only what is there, add only up to MAX_VALUE; otherwise the other operation
+        # stay within MIN_VALUE..MAX_VALUE (two digits): otherwise the other operation
         add = rng.random() < 0.5
         if add and value + d > MAX_VALUE:
             add = False
-        if not add and value - d < 0:
+        if not add and value - d < MIN_VALUE:
             add = True
         new = value + d if add else value - d
-        verbs.append(f"{rng.choice(ADD_VERBS if add else SUB_VERBS)} {d}")
-        lines.append(f"{value}{'+' if add else '-'}{d}={new}.")
+        acts.append(f"{marker} {name} {rng.choice(ADD_VERBS if add else SUB_VERBS)} {d}.")
+        lines.append(f"{marker} {value}{'+' if add else '-'}{d}={new}.")
         value = new
-    acts = ", ".join(verbs[:-1]) + f" and {verbs[-1]}"
-    question = f"Q: {name} has {start} {item}. {name} {acts}. How many {item} now?\n"
-    solution = f"A: {' '.join(lines)} The answer is {value}.\n"
+    question = f"Q: {name} has {start} {item}. {' '.join(acts)} How many {item} now?\n"
+    solution = f"A: {name} has {start}. {' '.join(lines)} The answer is {value}.\n"
     return Problem(question, solution, value)
 
 

@@ -241,7 +241,7 @@ class DemoMath(Task):
     zero-shot as trained: ``Q: ...\nA:``, the model writes the worked steps and ``The answer is N.``;
     correct when the first line's N is the exact answer. The tokenizer has no chat template, so the
     format is ``fewshot`` (with 0 shots)."""
-    name, default_shots, max_new_tokens = "demo_math", 0, 64
+    name, default_shots, max_new_tokens = "demo_math", 0, 96
     stops = ("\n",)
     size = 1000
 

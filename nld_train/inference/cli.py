@@ -8,6 +8,11 @@
                  [temperature=0 top_p=1 seed=0 dtype=float32 device=cpu sol=false]
                  [repeats=3            (tokens/s: the median of this many timed decodes after one
                                         warm-up decode; mode=all: per mode, the modes alternating)]
+                 [task=demo_math limit=100 batch_size=10
+                                       (mode=all: decode the first `limit` prompts of an nld-eval
+                                        task instead of `prompt`, with an accuracy column)]
+                 [order=reversed       (mode=all: run the modes in the reverse of the table's order;
+                                        tokens/s must not depend on it)]
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from nld_train.inference.table import decode_table, encode_batch
 
 DEFAULTS = dict(checkpoint=None, mode="ar", prompt="ROMEO:", max_new_tokens=64, block_length=32, threshold=0.9,
                 draft_threshold=0.0, thresholds=(0.9,), temperature=0.0, top_p=1.0, seed=0, dtype="float32", device="cpu", sol=False,
-                repeats=3)
+                repeats=3, task="", limit=100, batch_size=10, order="registry")
 
 
 def usage() -> str:
@@ -57,12 +62,20 @@ def parse_args(argv: Sequence[str]) -> dict:
         raise ValueError(f"repeats must be >= 1, got {args['repeats']}")
     if not args["checkpoint"]:
         raise ValueError("checkpoint=<run dir or step dir> is required")
+    if args["order"] not in ("registry", "reversed"):
+        raise ValueError(f"order must be 'registry' or 'reversed', got {args['order']!r}")
+    if args["task"] and args["mode"] != "all":
+        raise ValueError("task= needs mode=all (the table with an accuracy column)")
+    if args["limit"] < 1 or args["batch_size"] < 1:
+        raise ValueError("limit and batch_size must be >= 1")
     if args["mode"] not in mode_names() + ("all",):
         raise ValueError(f"mode={args['mode']!r} is not one of {', '.join(mode_names() + ('all',))}")
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, task_prompts=None) -> int:
+    """``task_prompts(name, limit) -> (prompts, check)`` serves ``task=``: nld-eval's tasks sit above
+    this layer, so the ``nld-generate`` entry point (:func:`nld_train.cli.generate_main`) passes it."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help", "help") for a in argv):
         print(usage())
@@ -79,8 +92,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nld-generate: {e}", file=sys.stderr)
         return 2
     if a["mode"] == "all":
-        print(decode_table(model, tok, [a["prompt"]], a["max_new_tokens"], a["block_length"], a["thresholds"],
-                           sol=a["sol"], repeats=a["repeats"]))
+        prompts, check, specials = [a["prompt"]], None, False
+        if a["task"]:
+            if task_prompts is None:
+                print("nld-generate: task= needs the nld-generate entry point (nld_train.cli:generate_main)",
+                      file=sys.stderr)
+                return 2
+            try:
+                prompts, check = task_prompts(a["task"], a["limit"])
+            except Exception as e:      # an unknown task is a ConfigError naming the known ones
+                print(f"nld-generate: task={a['task']}: {e}", file=sys.stderr)
+                return 2
+            specials = True             # encoded as nld-eval encodes them
+        print(decode_table(model, tok, prompts, a["max_new_tokens"], a["block_length"], a["thresholds"],
+                           sol=a["sol"], check=check, batch_size=a["batch_size"] if a["task"] else None,
+                           repeats=a["repeats"], add_special_tokens=specials, reverse=a["order"] == "reversed"))
         return 0
     ids, mask = encode_batch(tok, [a["prompt"]], model.device)
     kw = dict(temperature=a["temperature"], top_p=a["top_p"])

@@ -89,14 +89,15 @@ def test_end_to_end_all_tasks_and_modes(trained, tmp_path):
     only_ar = dict(tasks=["gsm8k"], modes=["ar"], sol=False, limit=3)
     try:
         res = evaluate(model, tok, settings(**only_ar), out, checkpoint=str(run))
-        assert calls == [1]                      # batch 0 (samples 0, 1) kept, batch 1 (sample 2) new
+        # batch 0 (samples 0, 1) kept; batch 1 (sample 2) new: its one-block warm-up, then its decode
+        assert calls == [1, 1]
         f = out / "samples" / "gsm8k" / "ar.jsonl"
         full = f.read_text()
         f.write_text(full[: full.rindex("\n", 0, len(full) - 1) + 20])
         again = evaluate(model, tok, settings(**only_ar), out, checkpoint=str(run))
     finally:
         del model.ar_generate
-    assert calls == [1, 1]                       # only the cut batch was decoded again
+    assert calls == [1, 1, 1, 1]                 # only the cut batch was decoded again (warm-up + decode)
     untimed = lambda d: {k: v for k, v in d.items() if k not in ("batch_seconds", "tokens_per_s", "seconds")}  # noqa: E731
     lines = lambda text: [untimed(json.loads(ln)) for ln in text.splitlines()]  # noqa: E731
     assert lines(f.read_text()) == lines(full)   # the same, deterministic, records
@@ -150,3 +151,26 @@ def test_cli(trained, tmp_path, capsys):
         from nld_train.eval.runner import Evaluator
         _, s = parse_args([f"checkpoint={run}", f"out={out}", "ar.threshold=0.5"])
         Evaluator(trained[1], trained[2], s, out)
+
+
+def test_each_mode_warms_up_once_before_its_timed_batches(trained, tmp_path, monkeypatch):
+    """tokens/s must not depend on which mode runs first: every mode's first decode in the process
+    is an untimed one-block warm-up of its first batch; the timed decodes follow, and a resumed run
+    whose batches are all done decodes nothing."""
+    import nld_train.eval.runner as R
+    run, model, tok = trained
+    calls, real = [], R.decode
+
+    def recording(m, mode, ids, max_new_tokens, *a, **kw):
+        calls.append((mode, ids.shape[0], max_new_tokens))
+        return real(m, mode, ids, max_new_tokens, *a, **kw)
+    monkeypatch.setattr(R, "decode", recording)
+    s = settings(tasks=["gsm8k"], thresholds=[0.9], modes=["ar", "linear_spec"], limit=3, sol=False,
+                 max_new_tokens=32)
+    R.evaluate(model, tok, s, tmp_path / "ev", checkpoint=str(run))
+    # the warm-up decodes one block (B = 16) of the first batch, the timed ones max_new_tokens
+    assert calls == [("ar", 2, 16), ("ar", 2, 32), ("ar", 1, 32),
+                     ("linear_spec", 2, 16), ("linear_spec", 2, 32), ("linear_spec", 1, 32)]
+    calls.clear()
+    R.evaluate(model, tok, s, tmp_path / "ev", checkpoint=str(run))
+    assert calls == []

@@ -92,7 +92,7 @@ class Budget:
     max_new_tokens: int | None = None  # None: the task's 96 (every answer fits)
 
 
-FULL = Budget(stage_steps=150, eval_limit=100, val_rows=8, eval_interval=50)
+FULL = Budget(stage_steps=200, eval_limit=100, val_rows=8, eval_interval=50)
 # an untrained model never ends its answer: one block of new tokens instead of three
 QUICK = Budget(stage_steps=2, eval_limit=2, val_rows=1, eval_interval=0, eval_iters=1, sft_problems=200, in_process=True,
                max_new_tokens=DECODE_BLOCK,

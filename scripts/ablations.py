@@ -281,7 +281,7 @@ def _same_generations(out: Path, a: str, b: str) -> bool:
     return read(a) == read(b)
 
 
-def weight_distortion(run: Path, prefix: str) -> dict:
+def weight_distortion(cfg: dict, prefix: str, pad_id: int) -> dict:
     """How per-micro-batch averaging re-weights tokens in this SFT stage: for every global batch of
     the run (the trainer's rows, noise and micro-batches), a token of micro-batch k weighs
     1/(K n_k) instead of 1/N (n_k its micro-batch's AR + masked loss tokens, N = sum over the K
@@ -291,14 +291,12 @@ def weight_distortion(run: Path, prefix: str) -> dict:
     from nld_train.data import get_samples
     from nld_train.data.indexed import resolve_data_path
     from nld_train.data.sft import SFTDataset
-    from nld_train.inference import load_tokenizer
     from nld_train.objective import build_objective
 
-    cfg = run_config(run)
     t, o = cfg["train"], cfg["objective"]
     prefixes, _ = resolve_data_path(prefix)
     ds = SFTDataset(prefixes, cfg["data"]["split"], 0, t["max_steps"] * t["global_batch_size"], t["seq_length"],
-                    t["seed"], load_tokenizer(run).pad_token_id, o["block_size"], cfg["data"]["pack"])
+                    t["seed"], pad_id, o["block_size"], cfg["data"]["pack"])
     obj = build_objective("joint", mask_token_id=cfg["model"]["mask_token_id"], block_size=o["block_size"],
                           seed=t["seed"])
     ratios, weights, counts = [], [], []
@@ -351,8 +349,28 @@ def measure_arm(out: Path, name: str, seed: int, runs: list[Path], b: Budget) ->
            **decode_metrics(model, tok, final, out / f"seed_{seed}" / name / "eval", b.eval_limit, b.max_new_tokens),
            "curves": curves}
     if ARMS[name].sft:
-        res["weight_distortion"] = weight_distortion(final, prepare_sft(out, b))
+        res["weight_distortion"] = weight_distortion(run_config(final), prepare_sft(out, b), tok.pad_token_id)
     return res
+
+
+def distortion_only(out: Path, b: Budget, seeds: list) -> int:
+    """The SFT arms' token-weight distortion at the configured shapes, without training: the stage-2
+    config composed as nld-train composes it, the rows, noise and micro-batches as its trainer
+    builds them (seconds, not a run)."""
+    import dataclasses
+
+    from nld_train.cli import load_config
+    from nld_train.inference import load_tokenizer
+
+    prefix, res = prepare_sft(out, b), {}
+    for seed in seeds:
+        cfg = load_config(["recipe=demo_math_stage2", "data=sft", f"data.path={prefix}", f"train.seed={seed}",
+                           *common_overrides(b, b.stage_steps)])
+        res[f"seed{seed}"] = weight_distortion(dataclasses.asdict(cfg), prefix,
+                                               load_tokenizer(cfg.tokenizer.path).pad_token_id)
+        log(f"seed {seed}: {res[f'seed{seed}']}")
+    (out / "results" / "weight_distortion.json").write_text(json.dumps(res, indent=1))
+    return 0
 
 
 # -- aggregation and plots --------------------------------------------------------------------------
@@ -447,6 +465,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-limit", type=int, default=None, help=f"held-out problems decoded (default {FULL.eval_limit})")
     ap.add_argument("--out", type=Path, default=None, help="default runs/ablations (--quick: runs/ablations_quick)")
     ap.add_argument("--list", action="store_true", help="print the arms and exit")
+    ap.add_argument("--distortion", action="store_true",
+                    help="only measure the SFT arms' per-token weight distortion (per-micro-batch vs global "
+                         "averaging) for --seeds at the --stage-steps shape, without training")
     args = ap.parse_args(argv)
     if args.list:
         for n, a in ARMS.items():
@@ -455,8 +476,8 @@ def main(argv=None) -> int:
     for n in args.arm:
         if n not in ARMS:
             ap.error(f"unknown arm {n!r} (known: {', '.join(ARMS)})")
-    if sum(bool(x) for x in (args.arm, args.all, args.quick)) != 1:
-        ap.error("give exactly one of --arm, --all, --quick")
+    if sum(bool(x) for x in (args.arm, args.all, args.quick, args.distortion)) != 1:
+        ap.error("give exactly one of --arm, --all, --quick, --distortion")
     b = QUICK if args.quick else FULL
     for key in ("stage_steps", "eval_limit"):
         value = getattr(args, key)
@@ -470,6 +491,8 @@ def main(argv=None) -> int:
     # this checkout's nld_train, here and in the subprocesses (run with cwd=REPO, so `-m` finds it)
     sys.path.insert(0, str(REPO))
     (out / "results").mkdir(parents=True, exist_ok=True)
+    if args.distortion:
+        return distortion_only(out, b, args.seeds)
     t0 = time.time()
     for seed in seeds:
         for name in arms:

@@ -419,12 +419,16 @@ def plots(out: Path, agg: dict) -> None:
                 ys = [row.get(key) for row in c["rows"] if row.get("tokens")]
                 if any(y is not None for y in ys) and not (key == "loss_ar" and c["objective"] == "ar"
                                                            and r["arm"] != "baseline"):
-                    ax.plot(xs, ys, lw=0.8, label=f"{r['arm']} s{r['seed']}" + (" (stage 1)" if c["objective"] == "ar" else ""))
+                    stage1 = c["objective"] == "ar"
+                    color = "black" if stage1 else plt.cm.tab20(list(ARMS).index(r["arm"]) * 2 % 20 + r["seed"] % 2)
+                    ax.plot(xs, ys, "--" if stage1 else "-", lw=0.8, color=color,
+                            label=f"{'stage 1' if stage1 else r['arm']} s{r['seed']}")
     for ax, key in zip(axes, ("training AR loss", "training diffusion loss (ELBO-weighted)"), strict=True):
         ax.set_xlabel("data tokens (millions)")
         ax.set_title(key)
         ax.set_yscale("log")
-    axes[1].legend(fontsize=6, ncol=2)
+    for ax in axes:
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "plots" / "learning_curves.png", dpi=100)
     plt.close(fig)

@@ -63,8 +63,11 @@ def test_end_to_end_all_tasks_and_modes(trained, tmp_path):
             lines = [json.loads(ln) for ln in (out / "samples" / task / f"{key}.jsonl").read_text().splitlines()]
             assert [ln["idx"] for ln in lines] == [0, 1]
             assert sum(ln["generated_tokens"] for ln in lines) == r["generated_tokens"]
+            assert r["tokens_per_draft"] == pytest.approx(sum(ln["draft_tokens"] for ln in lines)
+                                                          / sum(ln["draft_passes"] for ln in lines))
             assert all("generation" in ln and isinstance(ln["correct"], bool) for ln in lines)
         assert info["modes"]["ar"]["tpf"] == 1.0   # AR: one pass per token, the prefill included
+        assert info["modes"]["ar"]["tokens_per_draft"] == 1.0
         assert (out / "plots" / f"{task}.png").stat().st_size > 5000
     # greedy self-speculation emits AR's tokens: the same generations, fewer passes
     for task in ("gsm8k", "humaneval"):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from nld_train.objective.noise import maskable_positions, noise_seed, sample_noise
+from nld_train.objective.noise import maskable_positions, noise_at_ratio, noise_seed, sample_noise
 
 MASK = 100
 EPS = 1e-3
@@ -93,3 +93,35 @@ def test_noise_seed_distinct_and_stable():
     assert all(0 <= s < 2 ** 63 for s in seeds)
     assert noise_seed(1234, 0) == noise_seed(1234, 0) == seeds[0]
     assert noise_seed(1235, 0) != seeds[0]
+
+
+def test_noise_at_ratio_masks_that_fraction_nested_over_ratios():
+    # validation at a fixed masking ratio t (scripts/ablations.py): p is t in every row, the
+    # masked fraction is t, maskings at smaller t are subsets of those at larger t, and the same
+    # seeds give the same positions sample_noise would compare its own p against
+    toks = _tokens(8, 2048)
+    allowed = torch.ones_like(toks, dtype=torch.bool)
+    allowed[:, :16] = False
+    seeds = list(range(8))
+    prev = None
+    for t in (0.25, 0.5, 0.75):
+        nt = noise_at_ratio(toks, allowed, MASK, seeds, t)
+        assert torch.equal(nt.p, torch.full((8,), t))
+        assert not nt.masked[:, :16].any()
+        assert torch.equal(nt.noisy == MASK, nt.masked)
+        assert torch.equal(nt.noisy[~nt.masked], toks[~nt.masked])
+        frac = nt.masked[:, 16:].float().mean().item()
+        assert abs(frac - t) < 0.02, (t, frac)
+        if prev is not None:
+            assert not (prev & ~nt.masked).any()
+        prev = nt.masked
+    full = noise_at_ratio(toks, allowed, MASK, seeds, 1.0)
+    assert torch.equal(full.masked, allowed)
+    # the uniforms are sample_noise's: with its own per-row p, the same rows mask the same positions
+    ref = sample_noise(toks, allowed, MASK, seeds, EPS)
+    for r in range(8):
+        again = noise_at_ratio(toks[r:r + 1], allowed[r:r + 1], MASK, seeds[r:r + 1], float(ref.p[r]))
+        assert torch.equal(again.masked[0], ref.masked[r])
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="ratio"):
+            noise_at_ratio(toks, allowed, MASK, seeds, bad)

@@ -152,10 +152,16 @@ def aggregate(records: List[dict]) -> dict:
     batches = {r["batch"]: (r["batch_seconds"], r["batch_nfe"]) for r in gen}
     secs = sum(b[0] for b in batches.values())
     correct = sum(bool(r["correct"]) for r in records)
-    return {"accuracy": correct / n if n else float("nan"), "n": n, "correct": correct, "nfe": nfe,
-            "generated_tokens": tokens, "tpf": tokens / nfe if nfe else float("nan"),
-            "tokens_per_s": tokens / secs if secs > 0 else float("nan"), "seconds": secs,
-            "batch_nfe": sum(b[1] for b in batches.values()), "too_long": n - len(gen)}
+    out = {"accuracy": correct / n if n else float("nan"), "n": n, "correct": correct, "nfe": nfe,
+           "generated_tokens": tokens, "tpf": tokens / nfe if nfe else float("nan"),
+           "tokens_per_s": tokens / secs if secs > 0 else float("nan"), "seconds": secs,
+           "batch_nfe": sum(b[1] for b in batches.values()), "too_long": n - len(gen)}
+    # tokens committed per draft pass (diffusion: per denoise pass; self-speculation: per cycle), as
+    # the decode table's tok/draft; records stored by an older version lack the counts: no figure
+    if gen and all("draft_passes" in r for r in gen):
+        passes = sum(r["draft_passes"] for r in gen)
+        out["tokens_per_draft"] = sum(r["draft_tokens"] for r in gen) / passes if passes else float("nan")
+    return out
 
 
 class Evaluator:
@@ -324,6 +330,7 @@ class Evaluator:
                 if key == "sol":
                     rec.update(correct=False, forced=forced)
                 else:
+                    rec.update(draft_passes=len(st.accepted[r]), draft_tokens=sum(st.accepted[r]))
                     toks = out[r, P: P + st.new_tokens[r]].tolist()
                     text = self.tok.decode(toks, skip_special_tokens=True)
                     rec.update(generation=text, **task.check(samples[i], text, self.fmt, prompts[i], run_code))

@@ -62,6 +62,29 @@ def sample_noise(tokens: torch.Tensor, maskable: torch.Tensor, mask_token_id: in
     """
     if not 0.0 < eps < 1.0:
         raise ValueError(f"eps must be in (0, 1), got {eps}")
+    t, u = _draw(tokens, maskable, seeds)
+    p = (1.0 - eps) * t + eps  # eps > 0 keeps 1/p bounded in the loss
+    return _mask(tokens, maskable, mask_token_id, p, u)
+
+
+def noise_at_ratio(tokens: torch.Tensor, maskable: torch.Tensor, mask_token_id: int, seeds,
+                   ratio: float) -> NoisedTokens:
+    """Mask each maskable position with the fixed probability ``ratio`` in every row: the forward
+    process at one masking ratio t, to measure the diffusion loss as a function of t (validation;
+    training draws t per row with :func:`sample_noise`).
+
+    The per-position uniforms are those :func:`sample_noise` draws for the same seeds, so the
+    positions masked at a smaller ratio are a subset of those masked at a larger one (the curves
+    over t compare nested maskings, not independent draws).
+    """
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    _, u = _draw(tokens, maskable, seeds)
+    return _mask(tokens, maskable, mask_token_id, torch.full((tokens.shape[0],), float(ratio)), u)
+
+
+def _draw(tokens: torch.Tensor, maskable: torch.Tensor, seeds) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t [b], u [b, L]) from each row's seed: t first, then one uniform per position."""
     if tokens.dim() != 2 or maskable.shape != tokens.shape:
         raise ValueError(f"tokens and maskable must both be [b, L], got {tuple(tokens.shape)} "
                          f"and {tuple(maskable.shape)}")
@@ -78,8 +101,10 @@ def sample_noise(tokens: torch.Tensor, maskable: torch.Tensor, mask_token_id: in
         g = torch.Generator(device="cpu").manual_seed(seed)
         t[r] = torch.rand(1, generator=g)[0]
         u[r] = torch.rand(L, generator=g)
-    p = (1.0 - eps) * t + eps  # eps > 0 keeps 1/p bounded in the loss
+    return t, u
 
+
+def _mask(tokens, maskable, mask_token_id: int, p: torch.Tensor, u: torch.Tensor) -> NoisedTokens:
     p_dev = p.to(tokens.device)
     masked = (u.to(tokens.device) < p_dev[:, None]) & maskable.to(device=tokens.device, dtype=torch.bool)
     noisy = torch.where(masked, torch.full_like(tokens, mask_token_id), tokens)

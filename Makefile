@@ -36,7 +36,7 @@ demo-shakespeare: venv
 
 # the layers contract and the lint rules (pyproject.toml) fail the tests before pytest starts
 test: venv lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 lint: venv
 	$(VENV)/bin/lint-imports

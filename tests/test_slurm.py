@@ -160,7 +160,9 @@ def test_train_sbatch_preempt_requeue_resume(slurm, tmp_path):
     scontrol requeue -> the second run resumes and finishes; every step is trained exactly once.
     The AdamW state is sharded over the two ranks (parallel.distributed_optimizer), so the
     preemption checkpoint carries it in halves."""
-    run, max_steps = tmp_path / "run", 10
+    # 40 steps: on an idle machine a 10-step smoke run once finished all its steps between the 2nd
+    # step's metrics line and the SIGTERM reaching it (checkpoint at step 10 of 10)
+    run, max_steps = tmp_path / "run", 40
     jid = sbatch(slurm, tmp_path, "slurm/train.sbatch", "recipe=smoke", f"run.dir={run}",
                  f"train.max_steps={max_steps}", "checkpoint.interval=0", "parallel.distributed_optimizer=true",
                  sbatch_opts=["--gpus-per-node=2"], extra_env={"NLD_LOG_DIR": str(tmp_path / "joblogs")})

@@ -5,7 +5,7 @@
 For every ``checkpoints/step_*`` of the run: ``nld-eval`` on the held-out ``demo_math`` problems in AR
 and block diffusion at threshold 0.9 (greedy, block 32, 96 new tokens), the stage-2 tokens read up to
 that step (the ``tokens`` column of metrics.jsonl), written to ``<out>/curve.json`` and plotted in
-``<out>/curve.png``; each checkpoint's nld-eval output stays in ``<out>/step_XXXXXXXX`` (running the
+``<out>/curve.png``; each checkpoint's nld-eval output stays in ``<out>/step_<8 digits>`` (running the
 script again reuses it). Prints a table and a least-squares line through the diffusion accuracies of
 the last ``--fit`` checkpoints: the stage-2 tokens at which it reaches AR accuracy − 5 points.
 

@@ -11,7 +11,8 @@ process), then this process loads the final checkpoint and
 measures it: accuracy on held-out problems in AR and diffusion@0.9 (``nld-eval``'s evaluator), TPF at
 0.9, the SOL TPF and linear self-speculation's tokens per cycle, the AR loss and the diffusion loss at
 fixed masking ratios on held-out problems. The arms read equal data tokens (the ``tokens`` column of
-metrics.jsonl, checked); the two-stage arms split them 50/50 and share one stage-1 run per seed (the
+metrics.jsonl, checked); the two-stage arms split them 75/25 (600 AR +
+200 joint steps: the report's 77/23) and share one stage-1 run per seed (the
 stage-1 command does not depend on the arm: same data, same seed, same steps).
 
 Writes ``<out>/results/<arm>_seed<s>.json`` per run, ``<out>/results/aggregate.json`` (mean and spread
@@ -80,8 +81,10 @@ METRICS = ("ar_accuracy", "diffusion_accuracy", "val_loss_ar", *(f"val_loss_diff
 
 @dataclass
 class Budget:
-    """Steps per stage (the two-stage arms), shapes, and the measurement sizes."""
-    stage_steps: int
+    """Steps of stage 1 (AR, shared by a seed's two-stage arms) and stage 2 (joint, per arm; the
+    joint-from-scratch arm trains their sum), shapes, and the measurement sizes."""
+    stage1_steps: int
+    stage2_steps: int
     eval_limit: int
     val_rows: int
     shapes: tuple = ()            # extra nld-train overrides (quick mode: small rows)
@@ -92,9 +95,11 @@ class Budget:
     max_new_tokens: int | None = None  # None: the task's 96 (every answer fits)
 
 
-FULL = Budget(stage_steps=200, eval_limit=100, val_rows=8, eval_interval=50)
+# 600 + 200 steps: the report's split (stage 1 1T tokens, stage 2 300B: 77 / 23), sized so that the
+# 20 runs fit the issue's 120 minutes on 2 cores (docs/ablations.md, "Runtime")
+FULL = Budget(stage1_steps=600, stage2_steps=200, eval_limit=100, val_rows=8, eval_interval=50)
 # an untrained model never ends its answer: one block of new tokens instead of three
-QUICK = Budget(stage_steps=2, eval_limit=2, val_rows=1, eval_interval=0, eval_iters=1, sft_problems=200, in_process=True,
+QUICK = Budget(stage1_steps=2, stage2_steps=2, eval_limit=2, val_rows=1, eval_interval=0, eval_iters=1, sft_problems=200, in_process=True,
                max_new_tokens=DECODE_BLOCK,
                shapes=("train.seq_length=128", "train.global_batch_size=2", "train.micro_batch_size=1"))
 
@@ -170,18 +175,18 @@ _PREPARED: set = set()
 
 def train_arm(out: Path, name: str, seed: int, b: Budget) -> list[Path]:
     """The arm's stage run dirs, in order (stage 1 first when there is one)."""
-    arm, s = ARMS[name], b.stage_steps
+    arm, s1, s2 = ARMS[name], b.stage1_steps, b.stage2_steps
     base = out / f"seed_{seed}"
     if not arm.two_stage:
         joint = base / name / "joint"
-        nld_train("demo_math_stage2", joint, [f"train.seed={seed}", *arm.stage2], b, 2 * s)
+        nld_train("demo_math_stage2", joint, [f"train.seed={seed}", *arm.stage2], b, s1 + s2)
         return [joint]
     stage1 = base / "stage1"
-    nld_train("demo_math_stage1", stage1, [f"train.seed={seed}"], b, s)
+    nld_train("demo_math_stage1", stage1, [f"train.seed={seed}"], b, s1)
     data = ["data=sft", f"data.path={prepare_sft(out, b)}"] if arm.sft else []
     stage2 = base / name / "stage2"
     nld_train("demo_math_stage2", stage2, [f"train.seed={seed}", *data, *arm.stage2, f"checkpoint.init_from={stage1}"],
-              b, s)
+              b, s2)
     return [stage1, stage2]
 
 
@@ -365,7 +370,7 @@ def distortion_only(out: Path, b: Budget, seeds: list) -> int:
     prefix, res = prepare_sft(out, b), {}
     for seed in seeds:
         cfg = load_config(["recipe=demo_math_stage2", "data=sft", f"data.path={prefix}", f"train.seed={seed}",
-                           *common_overrides(b, b.stage_steps)])
+                           *common_overrides(b, b.stage2_steps)])
         res[f"seed{seed}"] = weight_distortion(dataclasses.asdict(cfg), prefix,
                                                load_tokenizer(cfg.tokenizer.path).pad_token_id)
         log(f"seed {seed}: {res[f'seed{seed}']}")
@@ -463,15 +468,17 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="plumbing check in one process: every arm, one seed, 2 steps per stage, rows of 2 x 128 tokens, "
                          "2 eval problems")
-    ap.add_argument("--stage-steps", type=int, default=None,
-                    help=f"steps per stage of the two-stage arms (default {FULL.stage_steps}; the joint-from-"
-                         "scratch arm trains twice as many)")
+    ap.add_argument("--stage1-steps", type=int, default=None,
+                    help=f"AR steps of stage 1, shared by a seed's two-stage arms (default {FULL.stage1_steps})")
+    ap.add_argument("--stage2-steps", type=int, default=None,
+                    help=f"joint steps of each arm's stage 2 (default {FULL.stage2_steps}); the joint-from-scratch "
+                         "arm trains stage-1 + stage-2 steps")
     ap.add_argument("--eval-limit", type=int, default=None, help=f"held-out problems decoded (default {FULL.eval_limit})")
     ap.add_argument("--out", type=Path, default=None, help="default runs/ablations (--quick: runs/ablations_quick)")
     ap.add_argument("--list", action="store_true", help="print the arms and exit")
     ap.add_argument("--distortion", action="store_true",
                     help="only measure the SFT arms' per-token weight distortion (per-micro-batch vs global "
-                         "averaging) for --seeds at the --stage-steps shape, without training")
+                         "averaging) for --seeds at the --stage2-steps shape, without training")
     args = ap.parse_args(argv)
     if args.list:
         for n, a in ARMS.items():
@@ -483,7 +490,7 @@ def main(argv=None) -> int:
     if sum(bool(x) for x in (args.arm, args.all, args.quick, args.distortion)) != 1:
         ap.error("give exactly one of --arm, --all, --quick, --distortion")
     b = QUICK if args.quick else FULL
-    for key in ("stage_steps", "eval_limit"):
+    for key in ("stage1_steps", "stage2_steps", "eval_limit"):
         value = getattr(args, key)
         if value is not None:
             if value < 1:
@@ -507,7 +514,7 @@ def main(argv=None) -> int:
     agg = aggregate(out)
     if not agg["equal_data_tokens"]:
         print(f"ablations: the arms read different numbers of data tokens: {agg['data_tokens']} "
-              "(results from runs with other --stage-steps in the same --out?)", file=sys.stderr)
+              "(results from runs with other --stage1-steps / --stage2-steps in the same --out?)", file=sys.stderr)
         return 1
     plots(out, agg)
     log(f"wrote {out / 'results'} and {out / 'plots'} in {time.time() - t0:.0f} s")

@@ -400,13 +400,66 @@ def aggregate(out: Path) -> dict:
     comps = []
     for what, a, b, report in COMPARISONS:
         if a in arms and b in arms:
-            d = {k: arms[a][k]["mean"] - arms[b][k]["mean"] for k in ("ar_accuracy", "diffusion_accuracy")
-                 if arms[a][k]["mean"] is not None and arms[b][k]["mean"] is not None}
             comps.append({"comparison": what, "with": a, "without": b, "report_delta_avg_accuracy": report,
-                          **{f"delta_{k}_points": 100 * v for k, v in d.items()}})
-    agg = {"arms": arms, "comparisons": comps, "equal_data_tokens": len(flat) <= 1, "data_tokens": sorted(flat)}
+                          **{k: compare(arms[a][k], arms[b][k], k) for k in COMPARED}})
+    agg = {"arms": arms, "comparisons": comps, "equal_data_tokens": len(flat) <= 1, "data_tokens": sorted(flat),
+           "verdict_rule": VERDICT_RULE}
     (out / "results" / "aggregate.json").write_text(json.dumps(agg, indent=1))
+    (out / "results" / "tables.md").write_text(tables_markdown(agg))
     return agg
+
+
+# the metrics each comparison reports; accuracies in points, losses in nats (lower is better)
+COMPARED = ("diffusion_accuracy", "ar_accuracy", "val_loss_diff_t0.5", "val_loss_ar")
+VERDICT_RULE = ("delta = mean(with) - mean(without); se = sqrt(sd_with^2/n_with + sd_without^2/n_without) over "
+                "seeds; 'within noise' when |delta| <= 2 se, else 'agrees' when the arm with the report's choice "
+                "is better (higher accuracy, lower loss), 'disagrees' when it is worse")
+
+
+def compare(a: dict, b: dict, key: str) -> dict:
+    """Difference of the seed means of two arms, its standard error and a verdict (VERDICT_RULE)."""
+    if a["mean"] is None or b["mean"] is None:
+        return {"delta": None, "se": None, "verdict": "not measured"}
+    scale = 100.0 if key.endswith("accuracy") else 1.0
+    var = sum((s["std"] or 0.0) ** 2 / s["n"] for s in (a, b))
+    if a["n"] < 2 or b["n"] < 2:
+        return {"delta": scale * (a["mean"] - b["mean"]), "se": None, "verdict": "one seed: no spread"}
+    delta, se = scale * (a["mean"] - b["mean"]), scale * math.sqrt(var)
+    better = delta > 0 if key.endswith("accuracy") else delta < 0
+    verdict = "within noise" if abs(delta) <= 2 * se else ("agrees" if better else "disagrees")
+    return {"delta": delta, "se": se, "verdict": verdict}
+
+
+def _ms(s: dict, scale: float, digits: int) -> str:
+    if s["mean"] is None:
+        return "-"
+    sd = f" ± {scale * s['std']:.{digits}f}" if s["std"] is not None else ""
+    return f"{scale * s['mean']:.{digits}f}{sd}"
+
+
+def tables_markdown(agg: dict) -> str:
+    """The per-arm table (mean ± sample standard deviation over seeds) and the comparisons, as
+    docs/ablations.md shows them."""
+    cols = (("ar_accuracy", "AR acc %", 100, 1), ("diffusion_accuracy", "diff@0.9 acc %", 100, 1),
+            ("val_loss_ar", "val AR loss", 1, 3), *((f"val_loss_diff_t{t}", f"val diff loss t={t}", 1, 3)
+                                                    for t in RATIOS),
+            ("diffusion_tpf", "diff@0.9 TPF", 1, 2), ("sol_tpf", "SOL TPF", 1, 2),
+            ("linear_spec_tokens_per_cycle", "linear tok/cycle", 1, 2), ("train_seconds", "train s", 1, 0))
+    lines = ["| arm | seeds | " + " | ".join(c[1] for c in cols) + " |", "|---|---|" + "---:|" * len(cols)]
+    for name, a in agg["arms"].items():
+        lines.append(f"| `{name}` | {len(a['seeds'])} | " + " | ".join(_ms(a[k], sc, d) for k, _, sc, d in cols) + " |")
+    lines += ["", "| comparison | report's Δ (avg acc) | " + " | ".join(f"Δ {k}" for k in COMPARED) + " |",
+              "|---|---|" + "---|" * len(COMPARED)]
+    for c in agg["comparisons"]:
+        cells = []
+        for k in COMPARED:
+            v = c[k]
+            num = "-" if v["delta"] is None else f"{v['delta']:+.{1 if k.endswith('accuracy') else 3}f}"
+            se = "" if v["se"] is None else f" (se {v['se']:.{1 if k.endswith('accuracy') else 3}f})"
+            cells.append(f"{num}{se}: {v['verdict']}")
+        lines.append(f"| {c['comparison']} (`{c['with']}` − `{c['without']}`) | {c['report_delta_avg_accuracy']} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plots(out: Path, agg: dict) -> None:

@@ -44,6 +44,8 @@ def test_quick_measures_every_arm(tmp_path):
     assert {json.loads((tmp_path / "results" / f"{a}_seed0.json").read_text())["runs"][0]
             for a in abl.ARMS if a != "joint_scratch"} == {str(tmp_path / "seed_0" / "stage1")}
     assert {c["with"] for c in agg["comparisons"]} >= {"baseline", "ar_on", "sft_combined"}
+    tables = (tmp_path / "results" / "tables.md").read_text()
+    assert all(f"| `{arm}` | 1 |" in tables for arm in abl.ARMS) and "two-stage vs joint from scratch" in tables
     for png in ("learning_curves.png", "metrics.png"):
         assert (tmp_path / "plots" / png).stat().st_size > 5000
 
@@ -53,3 +55,19 @@ def test_unknown_arm_exits_2_naming_it(tmp_path):
                   cwd=REPO, env=child_env())
     assert r.returncode == 2 and "no_such_arm" in r.stderr and "baseline" in r.stderr, r.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_comparison_verdicts():
+    abl = _module()
+    arm = lambda vals: abl.spread(vals)   # noqa: E731
+    # accuracy: higher is better; each arm's sample sd is 0.14 / sqrt(2) = 0.099, so
+    # se = sqrt(2 * 0.099^2 / 2) * 100 = 9.9 points
+    assert abl.compare(arm([0.5, 0.64]), arm([0.1, 0.24]), "ar_accuracy")["verdict"] == "agrees"
+    assert abl.compare(arm([0.1, 0.24]), arm([0.5, 0.64]), "ar_accuracy")["verdict"] == "disagrees"
+    near = abl.compare(arm([0.5, 0.64]), arm([0.4, 0.54]), "ar_accuracy")
+    assert near["verdict"] == "within noise" and near["delta"] == pytest.approx(10.0) and near["se"] == pytest.approx(
+        100 * 0.14 / math.sqrt(2))
+    # losses: lower is better
+    assert abl.compare(arm([1.0, 1.01]), arm([2.0, 2.01]), "val_loss_ar")["verdict"] == "agrees"
+    assert abl.compare(arm([0.0, 0.0]), arm([0.0, 0.0]), "diffusion_accuracy")["verdict"] == "within noise"
+    assert abl.compare(arm([0.3]), arm([0.2]), "ar_accuracy")["verdict"] == "one seed: no spread"

@@ -99,8 +99,8 @@ class Budget:
 # 20 runs fit the 120 minutes on 2 cores (docs/ablations.md, "Runtime")
 FULL = Budget(stage1_steps=600, stage2_steps=200, eval_limit=100, val_rows=8, eval_interval=50)
 # an untrained model never ends its answer: one block of new tokens instead of three
-QUICK = Budget(stage1_steps=2, stage2_steps=2, eval_limit=2, val_rows=1, eval_interval=0, eval_iters=1, sft_problems=200, in_process=True,
-               max_new_tokens=DECODE_BLOCK,
+QUICK = Budget(stage1_steps=2, stage2_steps=2, eval_limit=2, val_rows=1, eval_interval=0, eval_iters=1,
+               sft_problems=200, in_process=True, max_new_tokens=DECODE_BLOCK,
                shapes=("train.seq_length=128", "train.global_batch_size=2", "train.micro_batch_size=1"))
 
 
@@ -421,10 +421,10 @@ def compare(a: dict, b: dict, key: str) -> dict:
     if a["mean"] is None or b["mean"] is None:
         return {"delta": None, "se": None, "verdict": "not measured"}
     scale = 100.0 if key.endswith("accuracy") else 1.0
-    var = sum((s["std"] or 0.0) ** 2 / s["n"] for s in (a, b))
+    delta = scale * (a["mean"] - b["mean"])
     if a["n"] < 2 or b["n"] < 2:
-        return {"delta": scale * (a["mean"] - b["mean"]), "se": None, "verdict": "one seed: no spread"}
-    delta, se = scale * (a["mean"] - b["mean"]), scale * math.sqrt(var)
+        return {"delta": delta, "se": None, "verdict": "one seed: no spread"}
+    se = scale * math.sqrt(sum(s["std"] ** 2 / s["n"] for s in (a, b)))
     better = delta > 0 if key.endswith("accuracy") else delta < 0
     verdict = "within noise" if abs(delta) <= 2 * se else ("agrees" if better else "disagrees")
     return {"delta": delta, "se": se, "verdict": verdict}

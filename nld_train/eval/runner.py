@@ -143,6 +143,13 @@ class SampleStore:
             self.records[r["idx"]] = r
 
 
+def _mode_and_threshold(key: str) -> tuple:
+    """A result key's decoding mode and threshold: a threshold-swept mode's key names its threshold
+    (``diffusion@0.9``, decoding_modes.mode_keys); the others are given the default 0.9."""
+    mode, _, thr = key.partition("@")
+    return mode, float(thr) if thr else 0.9
+
+
 def aggregate(records: List[dict]) -> dict:
     """accuracy over all n samples; NFE, tokens and TPF over the decoded ones (TPF = Σ tokens / Σ
     per-row NFE, docs/decoding.md); tokens/s = Σ tokens / Σ wall seconds of the batch decode calls."""
@@ -248,7 +255,7 @@ class Evaluator:
 
     def _meta(self, task: Task, key: str, mnt: int) -> dict:
         s = self.s
-        mode = key.split("@")[0]   # the arguments as given (converted objects have no stable repr)
+        mode, _ = _mode_and_threshold(key)   # the arguments as given (converted objects have no stable repr)
         kw = {} if key == "sol" else {**s.decode_kwargs.get("*", {}), **s.decode_kwargs.get(mode, {})}
         return {"format_version": FORMAT_VERSION, "checkpoint": self.checkpoint, "task": task.name, "mode": key,
                 "prompt_format": self.fmt, "shots": s.shots.get(task.name), "max_new_tokens": mnt,
@@ -294,8 +301,7 @@ class Evaluator:
         if not gen_idxs:
             return
         ids, mask = _left_pad([prompts[i].ids for i in gen_idxs], self.pad, self.model.device)
-        mode = key.split("@")[0]
-        thr = float(key.split("@")[1]) if "@" in key else 0.9
+        mode, thr = _mode_and_threshold(key)
         decode(self.model, mode, ids, self.B, self.B, threshold=thr, draft_threshold=self.s.spec_threshold,
                attention_mask=mask, **self._kwargs_for(mode))
 
@@ -314,12 +320,10 @@ class Evaluator:
                 res = sol_tpf(model, ids, mnt, self.B, attention_mask=mask)
                 out, nfe, forced = None, res.nfe, res.forced
             else:
-                mode = key.split("@")[0]
+                mode, thr = _mode_and_threshold(key)
                 kw = dict(self._kwargs_for(mode), temperature=s.temperature, top_p=s.top_p)
                 if s.temperature > 0:   # per batch: the same numbers after a resume
                     kw["generator"] = torch.Generator(device=model.device).manual_seed(s.seed * 1_000_003 + bi)
-                # a threshold-swept mode's key names its threshold (mode_keys); others use none
-                thr = float(key.split("@")[1]) if "@" in key else 0.9
                 out, nfe = decode(model, mode, ids, mnt, self.B, threshold=thr, draft_threshold=s.spec_threshold,
                                   attention_mask=mask, **kw)
             st = model.last_stats
